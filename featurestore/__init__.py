@@ -1,0 +1,1 @@
+"""LanceDB feature store: item catalogs, encoded features, interactions and queries."""

@@ -1,0 +1,105 @@
+"""The LanceDB feature store: connection, table names and the upsert/reject helpers every writer shares."""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+ITEMS = "items"
+ITEM_REJECTS = "item_rejects"
+INTERACTIONS = "interactions"
+INTERACTION_REJECTS = "interaction_rejects"
+
+DEFAULT_DB = os.environ.get("MMREC_DB", str(Path.cwd() / "lancedb"))
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("reject_key", pa.string(), nullable=False),
+        pa.field("source", pa.string()),  # catalog / interaction file the row came from
+        pa.field("row", pa.int64()),  # 0-based row number in that source
+        pa.field("item_id", pa.string()),
+        pa.field("stage", pa.string()),  # read | text | image | interaction ...
+        pa.field("reason", pa.string()),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class StoreError(RuntimeError):
+    """A feature-store problem the user must fix (unreachable database, missing table...)."""
+
+
+def connect(uri: str | None = None):
+    """Open (or create) the LanceDB database at `uri`; fail at once with a clear message if it is unusable."""
+    import lancedb  # imported late: drivers must import lance after ray.init()
+
+    uri = uri or DEFAULT_DB
+    if "://" not in uri:
+        path = Path(uri)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"--db {uri!r} is a file, not a LanceDB directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create LanceDB directory {uri!r}: {e}") from e
+    try:
+        db = lancedb.connect(uri)
+        db.list_tables()
+    except Exception as e:  # noqa: BLE001 - any backend failure means the URI is unusable
+        raise StoreError(f"cannot open LanceDB database {uri!r}: {e}") from e
+    return db
+
+
+def table_names(db) -> list[str]:
+    result = db.list_tables()
+    return list(getattr(result, "tables", result))
+
+
+def open_table(db, name: str, required: bool = True):
+    if name in table_names(db):
+        return db.open_table(name)
+    if required:
+        raise StoreError(f"table {name!r} does not exist in {db.uri}; run the flow that creates it first")
+    return None
+
+
+def upsert(db, name: str, data: pa.Table, key: str | list[str]):
+    """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write."""
+    table = open_table(db, name, required=False)
+    if table is None:
+        return db.create_table(name, data=data, schema=data.schema)
+    if data.num_rows:
+        table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
+    return table
+
+
+def reject_key(*parts) -> str:
+    return hashlib.sha1("\x1f".join("" if p is None else str(p) for p in parts).encode()).hexdigest()
+
+
+def rejects_table(records: list[dict]) -> pa.Table:
+    """Reject records (source, row, item_id, stage, reason) as an Arrow table keyed so re-runs do not duplicate them."""
+    now = datetime.now(timezone.utc)
+    rows = [
+        {
+            "reject_key": reject_key(r.get("source"), r.get("row"), r.get("item_id"), r["stage"]),
+            "source": r.get("source"),
+            "row": r.get("row"),
+            "item_id": r.get("item_id"),
+            "stage": r["stage"],
+            "reason": r["reason"],
+            "recorded_at": now,
+        }
+        for r in records
+    ]
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
+def record_rejects(db, name: str, records: list[dict]) -> int:
+    """Upsert reject records into table `name` (item_rejects / interaction_rejects). Returns how many were given."""
+    if records:
+        upsert(db, name, rejects_table(records), "reject_key")
+    return len(records)
