@@ -1,0 +1,89 @@
+"""Image encoder: a timm model's pooled pre-logits features, L2-normalised float32.
+
+Preprocessing is split so that the costly part runs where it should: `preprocess` (decode-side resize and centre
+crop to uint8) runs in CPU tasks next to the image fetch; `encode` (scale, normalise, forward) runs in the actor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders.device import autocast, l2_normalize, pick_device, to_device
+from encoders.registry import ImageConfig
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
+def preprocess(image: Image.Image, config: ImageConfig) -> np.ndarray:
+    """Any PIL image (grayscale, RGBA, CMYK, palette...) -> (S, S, 3) uint8: RGB, resized and centre-cropped."""
+    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))  # transparent pixels become white, not black
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        image = background
+    image = image.convert("RGB")
+    size = config.input_size
+    scale_to = int(round(size / config.crop_pct))
+    width, height = image.size
+    ratio = scale_to / min(width, height)
+    resized = image.resize(
+        (max(size, round(width * ratio)), max(size, round(height * ratio))), _RESAMPLE[config.interpolation]
+    )
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_weights_in_order(model: torch.nn.Module, weights_file: str) -> None:
+    """Load a state dict whose tensors match the model's one-to-one in order and shape, whatever their names."""
+    source = [t for k, t in torch.load(weights_file, map_location="cpu").items() if not k.endswith("num_batches_tracked")]
+    target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(source) != len(target):
+        raise ValueError(f"{weights_file}: {len(source)} tensors for a model with {len(target)}")
+    state = {}
+    for name, tensor in zip(target, source):
+        expected = model.state_dict()[name].shape
+        if tensor.shape != expected:
+            raise ValueError(f"{weights_file}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+        state[name] = tensor
+    model.load_state_dict(state, strict=False)
+
+
+class ImageEncoder:
+    modality = "image"
+
+    def __init__(self, config: ImageConfig, device: str | None = None):
+        import timm
+
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self.device = pick_device(device)
+        model = timm.create_model(config.name, pretrained=config.weights_file is None)
+        if config.weights_file is not None:
+            load_weights_in_order(model, config.weights_file)
+        self.model = model.eval().to(self.device)
+        self.dim = int(model.num_features)
+        self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return preprocess(image, self.config)
+
+    def _pixels(self, images: np.ndarray) -> torch.Tensor:
+        """(n, S, S, 3) uint8 -> (n, 3, S, S) normalised float on the device."""
+        x = to_device(images, self.device).permute(0, 3, 1, 2).float()
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 from `preprocess` -> (n, dim) float32 unit vectors (pooled pre-logits features)."""
+        with autocast(self.device):
+            features = self.model.forward_features(self._pixels(images))
+            pooled = self.model.forward_head(features, pre_logits=True)  # (n, dim)
+        return l2_normalize(pooled)
+
+    @torch.inference_mode()
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """ImageNet logits, (n, 1000): proof that the pretrained weights are the ones loaded."""
+        with autocast(self.device):
+            return self.model(self._pixels(images)).float().cpu().numpy()

@@ -1,0 +1,35 @@
+"""Text encoder: a transformers model + its tokenizer, masked mean pooling, L2-normalised float32."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from encoders.device import autocast, l2_normalize, pick_device
+from encoders.registry import TextConfig
+
+
+class TextEncoder:
+    modality = "text"
+
+    def __init__(self, config: TextConfig, device: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.path)
+        self.model = AutoModel.from_pretrained(config.path).eval().to(self.device)
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n,) strings -> (n, dim) float32 unit vectors."""
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        ).to(self.device)
+        with autocast(self.device):
+            hidden = self.model(**tokens).last_hidden_state  # (n, T, dim)
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (n, dim)
+        return l2_normalize(pooled)
