@@ -23,6 +23,7 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("item_id", pa.string()),
         pa.field("stage", pa.string()),  # read | text | image | interaction ...
         pa.field("reason", pa.string()),
+        pa.field("content_hash", pa.string()),  # what the row looked like: an unchanged row is not retried
         pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
     ]
 )
@@ -67,12 +68,15 @@ def open_table(db, name: str, required: bool = True):
 
 
 def upsert(db, name: str, data: pa.Table, key: str | list[str]):
-    """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write."""
+    """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write.
+
+    A null vector is a valid value here (an item without an image); LanceDB's default treats it as "bad".
+    """
     table = open_table(db, name, required=False)
     if table is None:
-        return db.create_table(name, data=data, schema=data.schema)
+        return db.create_table(name, data=data, schema=data.schema, on_bad_vectors="null")
     if data.num_rows:
-        table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data, on_bad_vectors="null")
     return table
 
 
@@ -91,6 +95,7 @@ def rejects_table(records: list[dict]) -> pa.Table:
             "item_id": r.get("item_id"),
             "stage": r["stage"],
             "reason": r["reason"],
+            "content_hash": r.get("content_hash"),
             "recorded_at": now,
         }
         for r in records

@@ -1,0 +1,60 @@
+"""Encode an item catalog into the LanceDB feature store.
+
+    python flows/encode_items.py --catalog ml-1m
+    ray job submit --working-dir . -- python flows/encode_items.py --catalog items.jsonl --db s3://bucket/store
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
+
+from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
+from featurestore import store  # noqa: E402
+from featurestore.catalogs import FORMATS  # noqa: E402
+from featurestore.encode import DEFAULT_TEMPLATE  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", default="ml-1m", help="catalog file, or a built-in catalog: ml-1m, ml-100k")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--db", default=store.DEFAULT_DB, help="LanceDB URI (default: ./lancedb)")
+    p.add_argument("--table", default=store.ITEMS)
+    p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, help="built-in name, local path or cached transformers model")
+    p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL, help="built-in name or timm model name")
+    p.add_argument("--text-template", default=DEFAULT_TEMPLATE, help="'|'-separated parts; empty parts are left out")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--actors", type=int, default=None, help="actors per encoder stage (default: one per GPU, or one)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: use GPUs when the cluster has them")
+    p.add_argument("--limit", type=int, default=None, help="encode only the first N catalog rows")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from featurestore.encode import encode_catalog
+
+    summary = encode_catalog(
+        catalog=args.catalog,
+        fmt=args.format,
+        db_uri=args.db,
+        table=args.table,
+        text_model=args.text_model,
+        image_model=args.image_model,
+        template=args.text_template,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        limit=args.limit,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    sys.exit(main())
