@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from recmodels.metrics import finalize, full_ranking_metrics, rank_of_target
+
+NEG_INF = float("-inf")
+
+
+def test_rank_counts_higher_scores_only_among_real_items():
+    # column 0 is padding: its huge score must not push the target down
+    scores = torch.tensor([[100.0, 0.9, 0.5, 0.7, 0.1]])
+    assert rank_of_target(scores, torch.tensor([3])).tolist() == [1]
+    assert rank_of_target(scores, torch.tensor([1])).tolist() == [0]
+    assert rank_of_target(scores, torch.tensor([4])).tolist() == [3]
+
+
+def test_tied_target_ranks_after_every_tied_item():
+    scores = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.1, 0.9]])
+    # item 5 beats the target, items 1 and 3 tie with target 2: rank = 1 + 2
+    assert rank_of_target(scores, torch.tensor([2])).tolist() == [3]
+    all_equal = torch.zeros(1, 6)
+    assert rank_of_target(all_equal, torch.tensor([1])).tolist() == [4]
+
+
+def test_metrics_hand_computed_sums_and_count():
+    scores = torch.tensor([
+        [0.0, 0.9, 0.5, 0.7, 0.1],  # target 3 -> rank 1
+        [0.0, 0.2, 0.8, 0.3, 0.4],  # target 2 -> rank 0
+        [0.0, 0.9, 0.8, 0.7, 0.1],  # target 4 -> rank 3
+    ])
+    target = torch.tensor([3, 2, 4])
+    sums = full_ranking_metrics(scores, target, ks=(1, 2, 5))
+    assert sums["count"] == 3
+    assert sums["hr@1"] == 1
+    assert sums["hr@2"] == 2
+    assert sums["hr@5"] == 3
+    assert sums["ndcg@1"] == pytest.approx(1.0)
+    assert sums["ndcg@2"] == pytest.approx(1.0 + 1 / math.log2(3))
+    assert sums["ndcg@5"] == pytest.approx(1.0 + 1 / math.log2(3) + 1 / math.log2(5))
+    assert sums["mrr@2"] == pytest.approx(1.0 + 1 / 2)
+    assert sums["mrr@5"] == pytest.approx(1.0 + 1 / 2 + 1 / 4)
+    means = finalize(sums)
+    assert "count" not in means
+    assert means["hr@2"] == pytest.approx(2 / 3)
+    assert means["mrr@5"] == pytest.approx((1.0 + 1 / 2 + 1 / 4) / 3)
+
+
+def test_sums_from_split_batches_add_up_to_the_whole_batch():
+    torch.manual_seed(0)
+    scores, target = torch.randn(10, 30), torch.randint(1, 30, (10,))
+    whole = full_ranking_metrics(scores, target)
+    first, second = full_ranking_metrics(scores[:4], target[:4]), full_ranking_metrics(scores[4:], target[4:])
+    assert whole.keys() == first.keys()
+    for name in whole:
+        assert first[name] + second[name] == pytest.approx(whole[name])
+
+
+def test_history_masking_removes_seen_items_but_not_the_target():
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.7, 0.6, 0.1]])
+    target = torch.tensor([4])  # rank 3 unmasked
+    history = torch.tensor([[0, 0, 1, 2, 4]])  # padding, two seen items beating the target, the target
+    assert full_ranking_metrics(scores, target, ks=(2,), history=history)["hr@2"] == 0  # default: no masking
+    masked = full_ranking_metrics(scores, target, ks=(2,), history=history, mask_history=True)
+    assert masked["hr@2"] == 1  # only item 3 remains above the target: rank 1
+    assert masked["mrr@2"] == pytest.approx(1 / 2)
+    assert scores[0, 1] == 0.9  # the caller's scores are untouched
+
+
+def test_history_masking_needs_history():
+    with pytest.raises(ValueError, match="history"):
+        full_ranking_metrics(torch.zeros(1, 3), torch.tensor([1]), mask_history=True)
+
+
+def test_finalize_rejects_empty_sums():
+    with pytest.raises(ValueError, match="count"):
+        finalize({"hr@10": 0.0, "count": 0.0})
