@@ -16,7 +16,12 @@ _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Im
 
 
 def preprocess(image: Image.Image, config: ImageConfig) -> np.ndarray:
-    """Any PIL image (grayscale, RGBA, CMYK, palette...) -> (S, S, 3) uint8: RGB, resized and centre-cropped."""
+    """Any PIL image (grayscale, 16-bit, RGBA, CMYK, palette...) -> (S, S, 3) uint8: RGB, resized and centre-cropped."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # High bit-depth grayscale: PIL's own conversion clips at 255 (a white picture); scale by the range instead.
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        image = Image.fromarray(((values - low) * (255.0 / max(high - low, 1e-6))).astype(np.uint8), mode="L")
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))  # transparent pixels become white, not black
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
@@ -62,7 +67,7 @@ class ImageEncoder:
         if config.weights_file is not None:
             load_weights_in_order(model, config.weights_file)
         self.model = model.eval().to(self.device)
-        self.dim = int(model.num_features)
+        self.dim = int(model.num_features)  # == config.dim
         self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
 

