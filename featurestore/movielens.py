@@ -39,8 +39,11 @@ def dataset_dir(name: str) -> Path:
 
 
 def read_atomic(path: Path) -> pd.DataFrame:
-    """Read a RecBole atomic file as strings, with the `:type` suffixes stripped from the column names."""
-    frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8")
+    """Read a RecBole atomic file: `:float` columns as float64, the rest as text; column names lose the `:type`."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+    dtypes = {c: "float64" if c.endswith(":float") else str for c in header}
+    frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, keep_default_na=False, encoding="utf-8")
     return frame.rename(columns=lambda c: c.split(":", 1)[0].strip())
 
 
@@ -65,7 +68,7 @@ def load_interactions(name: str) -> pd.DataFrame:
         {
             "user_id": raw["user_id"].str.strip(),
             "item_id": raw["item_id"].str.strip(),
-            "timestamp": pd.to_numeric(raw["timestamp"]).astype("int64"),
-            "rating": pd.to_numeric(raw["rating"]).astype("float64"),
+            "timestamp": raw["timestamp"].astype("int64"),
+            "rating": raw["rating"].astype("float64"),
         }
     )
