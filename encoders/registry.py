@@ -39,6 +39,12 @@ class TextConfig:
     modality: str = "text"
 
     @cached_property
+    def dim(self) -> int:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.path).hidden_size)
+
+    @cached_property
     def version(self) -> str:
         source = weights_fingerprint(self.path) if Path(self.path).exists() else "hf-cache"
         return f"{self.name}@{source}/len{self.max_length}/{self.pooling}"
@@ -54,6 +60,12 @@ class ImageConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     modality: str = "image"
+
+    @cached_property
+    def dim(self) -> int:
+        import timm
+
+        return int(timm.create_model(self.name, pretrained=False).num_features)
 
     @cached_property
     def version(self) -> str:

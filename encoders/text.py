@@ -20,7 +20,7 @@ class TextEncoder:
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         self.model = AutoModel.from_pretrained(config.path).eval().to(self.device)
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = config.dim
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
