@@ -179,7 +179,7 @@ class TextEmbedder(_Embedder):
     modality = "text"
 
     def __call__(self, batch: dict) -> dict:
-        texts = batch["text"]
+        texts = batch.pop("text")
         has_text = np.array([bool(t) for t in texts])
         embeddings = np.zeros((len(texts), self.encoder.dim), dtype=np.float32)
         if has_text.any():
@@ -265,8 +265,8 @@ class EncodeJob:
         # Blocks made at the source, a few per actor, so the pool streams instead of waiting on one block.
         n_blocks = max(1, min(math.ceil(todo.num_rows / s.batch_size), 4 * plan.actors * stages))
         step = math.ceil(todo.num_rows / n_blocks)
-        # Only what the workers need travels; categories stay on the driver.
-        todo = todo.select(["row", "item_id", "text", "content_hash", "image_ref", "image_bytes"])
+        # Only what the workers need travels; the rest of each row stays on the driver.
+        todo = todo.select(["item_id", "text", "image_ref", "image_bytes"])
         ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
         pool = dict(
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
@@ -286,29 +286,30 @@ class EncodeJob:
 
     def item_rows(self, batch: dict, with_images: bool, encoded_at: datetime) -> tuple[pa.Table, list[dict]]:
         """An encoded batch -> rows for the items table, and reject records: image failures (the item is kept,
-        encoded from its text) and items left with neither text nor image (rejected whole, stage "encode")."""
-        n = len(batch["item_id"])
+        encoded from its text) and items left with neither text nor image (rejected whole, stage "encode").
+
+        Only ids and embeddings come back from the workers; the rest of each row is taken from the driver's
+        typed Arrow copy, so no column goes through a numpy round trip.
+        """
+        meta = self.todo.take(pa.array([self.position[i] for i in batch["item_id"]]))
+        n = meta.num_rows
         has_text = batch["has_text"]
         has_image = batch["has_image"] if with_images else np.zeros(n, dtype=bool)
         errors = batch["image_error"] if with_images else np.full(n, "", dtype=object)
         keep = has_text | has_image
+        rows, hashes = meta.column("row").to_pylist(), meta.column("content_hash").to_pylist()
+        ids = meta.column("item_id").to_pylist()
         rejects = [
-            {"row": int(batch["row"][i]), "item_id": batch["item_id"][i], "stage": "image",
-             "reason": f"{errors[i]}; encoded from its text only"}
+            {"row": rows[i], "item_id": ids[i], "stage": "image", "reason": f"{errors[i]}; encoded from its text only"}
             for i in np.flatnonzero((errors != "") & keep)
         ] + [
-            {"row": int(batch["row"][i]), "item_id": batch["item_id"][i], "stage": "encode",
-             "content_hash": batch["content_hash"][i],
+            {"row": rows[i], "item_id": ids[i], "stage": "encode", "content_hash": hashes[i],
              "reason": f"no usable text or image ({errors[i] or 'the text template renders nothing'})"}
             for i in np.flatnonzero(~keep)
         ]
         image_emb = batch["image_emb"] if with_images else np.zeros((n, self.image_config.dim), np.float32)
         columns = {
-            "item_id": pa.array(batch["item_id"], pa.string()),
-            "text": pa.array(batch["text"], pa.string()),
-            "categories": pa.array([self.categories[i] for i in batch["item_id"]], pa.list_(pa.string())),
-            "image_ref": pa.array(batch["image_ref"], pa.string()),
-            "content_hash": pa.array(batch["content_hash"], pa.string()),
+            **{name: meta.column(name) for name in ("item_id", "text", "categories", "image_ref", "content_hash")},
             "text_emb": _vectors(batch["text_emb"], has_text, self.text_config.dim),
             "image_emb": _vectors(image_emb, has_image, self.image_config.dim),
             "text_encoder": pa.array([self.text_config.name] * n, pa.string()),
@@ -325,7 +326,8 @@ class EncodeJob:
         summary = EncodeSummary(self.table_name, input=catalog.input_rows)
         rejects = [dict(r) for r in catalog.rejects]
         todo, summary.unchanged, still_rejected = self.plan(catalog)
-        self.categories = dict(zip(todo.column("item_id").to_pylist(), todo.column("categories").to_pylist()))
+        self.todo = todo
+        self.position = {item_id: i for i, item_id in enumerate(todo.column("item_id").to_pylist())}
         if todo.num_rows:
             resources = ray.cluster_resources()
             ds, with_images, _ = self.dataset(todo, resources.get("CPU", 1), resources.get("GPU", 0))

@@ -93,5 +93,7 @@ class ImageLoader:
                 has_image[i] = True
             except ImageFetchError as e:
                 errors[i] = str(e)
+        for column in ("image_ref", "image_bytes"):  # consumed here; the driver keeps its own copy
+            del batch[column]
         batch.update(pixels=pixels, has_image=has_image, image_error=errors)
         return batch

@@ -117,6 +117,15 @@ def test_rerun_encodes_nothing_then_only_changes(encoded, tmp_path):
     assert db.open_table("items").count_rows() == encoded["summary"].encoded + 1
 
 
+def test_text_only_catalog(ray_local, tmp_path):
+    summary = encode_catalog("ml-100k", db_uri=str(tmp_path / "db"), limit=150)
+    assert (summary.input, summary.encoded, summary.rejected_whole, summary.image_failures) == (150, 150, 0, 0)
+    items = store.connect(str(tmp_path / "db")).open_table("items")
+    assert items.count_rows("image_emb IS NULL") == 150 and items.count_rows("text_emb IS NOT NULL") == 150
+    toy_story = get_embeddings(store.connect(str(tmp_path / "db")), ["1"]).iloc[0]
+    assert toy_story["text"] == "Toy Story (1995). Categories: Animation, Children's, Comedy"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
