@@ -362,10 +362,9 @@ class EncodeJob:
 
 
 def _column_map(db, table_name: str, key: str, value: str, where: str | None = None) -> dict:
-    table = store.open_table(db, table_name, required=False)
-    if table is None:
+    if store.open_table(db, table_name, required=False) is None:
         return {}
-    data = table.to_lance().to_table(columns=[key, value], filter=where)
+    data = store.read_columns(db, table_name, [key, value], where)
     return dict(zip(data.column(key).to_pylist(), data.column(value).to_pylist()))
 
 

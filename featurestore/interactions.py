@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore import movielens, store
-from featurestore.sequences import ItemIndex, sql_string
+from featurestore.sequences import ItemIndex
+from featurestore.store import sql_string
 
 FORMATS = ("auto", "parquet", "csv", "jsonl", "amazon2023", "ml-1m", "ml-100k")
 COLUMNS = ("user_id", "item_id", "timestamp")

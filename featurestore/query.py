@@ -11,7 +11,7 @@ SHOWN_COLUMNS = ["item_id", "text", "categories", "image_ref"]
 
 
 def _sql_list(ids) -> str:
-    return ", ".join("'" + str(i).replace("'", "''") + "'" for i in ids)
+    return ", ".join(store.sql_string(i) for i in ids)
 
 
 def get_embeddings(db, ids, table: str = store.ITEMS, columns=("text_emb", "image_emb")) -> pd.DataFrame:

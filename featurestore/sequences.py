@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from featurestore import store
+from featurestore.store import read_columns, sql_string
 
 SEQUENCES = "sequences"
 MIN_INTERACTIONS = 3  # train + valid target + test target
@@ -34,15 +35,6 @@ SEQUENCES_SCHEMA = pa.schema(
         pa.field("first_timestamp", pa.int64()),  # the dataset's first interaction: origin of time_seq
     ]
 )
-
-
-def read_columns(db, name: str, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
-    """Only the named columns of a table (embeddings are large: never read them by accident)."""
-    return store.open_table(db, name).to_lance().to_table(columns=columns, filter=where)
-
-
-def sql_string(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class ItemIndex:

@@ -67,6 +67,16 @@ def open_table(db, name: str, required: bool = True):
     return None
 
 
+def read_columns(db, name: str, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+    """Only the named columns of a table (embeddings are large: never read them by accident)."""
+    return open_table(db, name).to_lance().to_table(columns=columns, filter=where)
+
+
+def sql_string(value) -> str:
+    """A string literal for a LanceDB filter."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def upsert(db, name: str, data: pa.Table, key: str | list[str]):
     """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write.
 
