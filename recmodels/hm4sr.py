@@ -39,7 +39,6 @@ from recmodels.base import (Batch, EncoderConfig, ItemFeatures, SequentialRecomm
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
-AUXILIARY_LOSSES = ("cp", "idcl", "pcl")
 
 
 def n_intervals_for(max_interval_s: float, interval_scale: float = 100.0) -> int:
@@ -216,8 +215,8 @@ class HM4SR(SequentialRecommender):
         ce = self.next_item_loss(encoded.states, batch, items)
         auxiliary = {"cp": self._category_loss, "idcl": self._id_contrastive_loss,
                      "pcl": self._placeholder_contrastive_loss}
-        parts = {name: auxiliary[name](batch, items, encoded)
-                 for name in AUXILIARY_LOSSES if getattr(self.config, f"{name}_weight")}
+        parts = {name: loss_fn(batch, items, encoded)
+                 for name, loss_fn in auxiliary.items() if getattr(self.config, f"{name}_weight")}
         total = ce + sum(getattr(self.config, f"{name}_weight") * value for name, value in parts.items())
         return total, {"ce": ce.detach(), **{name: value.detach() for name, value in parts.items()}}
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from recmodels import MODELS, FAMEConfig, HM4SRConfig, ItemFeatures, SASRecConfig, create_model
+from recmodels import base
 from recmodels.base import chunked_cross_entropy, info_nce
 from recmodels.hm4sr import interval_index, n_intervals_for, sample_placeholder_positions
 from recmodels.metrics import finalize, full_ranking_metrics
@@ -323,6 +324,26 @@ def test_chunked_cross_entropy_matches_the_plain_one():
     (chunked_grad,) = torch.autograd.grad(chunked, table)
     torch.testing.assert_close(chunked, plain)
     torch.testing.assert_close(chunked_grad, plain_grad)
+
+
+@pytest.mark.parametrize("variant", ["fame-mos-slice", "hm4sr"])
+def test_chunked_loss_matches_unchunked_loss_in_a_model(variant, monkeypatch):
+    model = build(variant).train()
+    batch = make_batch()
+
+    def loss_and_grads():
+        torch.manual_seed(0)  # the same placeholder draw for HM4SR
+        model.zero_grad()
+        total, _ = model.loss(batch)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = loss_and_grads()
+    monkeypatch.setattr(base, "MAX_LOGIT_ELEMENTS_PER_CHUNK", 10 * model.logit_elements_per_row())
+    chunked, chunked_grads = loss_and_grads()
+    torch.testing.assert_close(chunked, whole)
+    for chunked_grad, whole_grad in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_info_nce_removes_same_label_negatives():
