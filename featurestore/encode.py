@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import string
 import time
 from dataclasses import dataclass, field
@@ -262,9 +261,9 @@ class EncodeJob:
         )
         stages = 2 if with_images else 1
         plan = plan_resources(cluster_cpus, cluster_gpus, stages, s.actors, s.gpus_per_actor)
-        # Blocks made at the source, a few per actor, so the pool streams instead of waiting on one block.
-        n_blocks = max(1, min(math.ceil(todo.num_rows / s.batch_size), 4 * plan.actors * stages))
-        step = math.ceil(todo.num_rows / n_blocks)
+        # Small blocks made at the source (a few batches each): results stream back to the writer as they are
+        # made, instead of one large block per actor finishing at the end.
+        step = 4 * s.batch_size
         # Only what the workers need travels; the rest of each row stays on the driver.
         todo = todo.select(["item_id", "text", "image_ref", "image_bytes"])
         ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])

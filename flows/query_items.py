@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     anchor = f"item {args.item_id}" if args.item_id else f"text {args.text!r}"
     print(f"{len(result)} nearest items to {anchor} by {args.by}:")
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
-        print(result.drop(columns=["categories"]).to_string(index=False, float_format="%.3f"))
+        shown = result.drop(columns=["categories"]).dropna(axis="columns", how="all")  # e.g. no images at all
+        print(shown.to_string(index=False, float_format="%.3f"))
     return 0
 
 
