@@ -1,0 +1,150 @@
+"""What a run reads from the feature store: pinned table versions, checked up front, and the Ray datasets.
+
+The driver opens each table once and keeps that version: the sequences go to Ray Data at that version
+(`read_lance(..., version=)`), so a concurrent import cannot change a run half way, and the run record
+names exactly what was read. Problems with the store are raised here, before any worker starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from featurestore import store
+from featurestore.sequences import SEQUENCES, ItemIndex, make_examples, max_interval_index, split_counts
+from training.resources import DATA_TASK_CPUS
+
+# The flow that writes each table, for the error message when it is missing or empty.
+WRITTEN_BY = {
+    store.ITEMS: "flows/encode_items.py",
+    store.INTERACTIONS: "flows/import_interactions.py",
+    SEQUENCES: "flows/import_interactions.py",
+}
+SEQUENCE_COLUMNS = ["item_idx", "timestamps", "first_timestamp"]
+BLOCK_BYTES = 32 * 1024**2  # target size of a block of examples
+EXAMPLE_BYTES_PER_POSITION = 3 * 8  # item_seq, time_seq (, target_seq): int64 per history position
+BLOCKS_PER_WORKER = 4
+MATERIALIZE_SHARE = 0.25  # of the object store: splits up to this size are computed once per run
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """The tables a run reads, at the versions it reads them, and what they hold."""
+
+    db_uri: str
+    versions: dict[str, int]  # table -> Lance version
+    sequences_uri: str
+    users: int
+    n_items: int
+    counts: dict[str, int]  # featurestore.sequences.split_counts at max_len
+    max_interval_index: int  # HM4SR's interval table size on the training histories (interval scale 100)
+
+    def train_examples(self, mode: str) -> int:
+        return self.counts[f"train_examples_{mode}"]
+
+
+def open_required(db, name: str):
+    """The table, or a StoreError naming the flow that creates it."""
+    try:
+        return store.open_table(db, name)
+    except store.StoreError as e:
+        raise store.StoreError(f"{e}: run {WRITTEN_BY[name]} first") from None
+
+
+def snapshot_store(db, max_len: int, train_mode: str, num_workers: int,
+                   interval_scale: float = 100.0) -> tuple[StoreSnapshot, ItemIndex]:
+    """Pin the versions of items, interactions and sequences and check they can train a model."""
+    tables = {name: open_required(db, name) for name in WRITTEN_BY}
+    versions = {name: int(table.version) for name, table in tables.items()}
+    if tables[store.INTERACTIONS].count_rows() == 0:
+        raise store.StoreError(f"table 'interactions' in {db.uri} is empty: import interactions with "
+                               f"{WRITTEN_BY[store.INTERACTIONS]} first")
+    index = ItemIndex.from_db(db)
+    if len(index) == 0:
+        raise store.StoreError(f"table 'items' in {db.uri} holds no items: run {WRITTEN_BY[store.ITEMS]} first")
+    sequences = tables[SEQUENCES].to_lance()  # one Lance dataset object = one version, read consistently
+    rows = sequences.to_table(columns=["item_idx", "timestamps"])
+    counts = split_counts(rows, max_len)
+    largest = pc.max(pc.list_flatten(rows.column("item_idx"))).as_py() or 0
+    if largest > len(index):
+        raise store.StoreError(f"sequences refer to item index {largest} but items holds {len(index)} items: "
+                               f"the items changed after the sequences were built; re-run {WRITTEN_BY[SEQUENCES]}")
+    if counts[f"train_examples_{train_mode}"] < num_workers or counts["valid_examples"] == 0:
+        raise store.StoreError(
+            f"the sequences table (version {sequences.version}) yields {counts[f'train_examples_{train_mode}']} "
+            f"training examples (train_mode {train_mode!r}) and {counts['valid_examples']} validation examples "
+            f"for {num_workers} worker(s): every worker needs a training example and validation needs users "
+            f"with >= 3 interactions; import more interactions with {WRITTEN_BY[SEQUENCES]}")
+    snapshot = StoreSnapshot(
+        db_uri=str(db.uri), versions=versions, sequences_uri=sequences.uri, users=rows.num_rows,
+        n_items=len(index), counts=counts, max_interval_index=max_interval_index(rows, "train", interval_scale),
+    )
+    return snapshot, index
+
+
+def users_per_block(snapshot: StoreSnapshot, max_len: int, split: str, mode: str, num_workers: int) -> int:
+    """Users per make_examples call: blocks near BLOCK_BYTES ("last" fans a user out into many examples),
+    and at least BLOCKS_PER_WORKER blocks per worker so every worker gets a share of each split."""
+    examples = snapshot.train_examples(mode) if split == "train" else snapshot.counts[f"{split}_examples"]
+    examples_per_user = max(1.0, examples / max(snapshot.users, 1))
+    by_size = BLOCK_BYTES / EXAMPLE_BYTES_PER_POSITION / max_len / examples_per_user
+    by_count = math.ceil(snapshot.users / (BLOCKS_PER_WORKER * num_workers))
+    return max(1, min(int(by_size), by_count))
+
+
+def split_bytes(snapshot: StoreSnapshot, max_len: int, split: str, mode: str) -> int:
+    examples = snapshot.train_examples(mode) if split == "train" else snapshot.counts[f"{split}_examples"]
+    return examples * max_len * EXAMPLE_BYTES_PER_POSITION
+
+
+def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int) -> dict:
+    """{"train", "valid", "test"}: Ray datasets of leave-one-out examples from the pinned sequences.
+
+    A split that fits in MATERIALIZE_SHARE of the object store is computed once, here, before the
+    workers start: epochs then stream it from memory instead of re-reading and re-slicing the table
+    (seconds per epoch on a small machine). A larger split (train_mode "last" on a big data set) streams.
+    """
+    import ray
+
+    budget = MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+    datasets = {}
+    for split in ("train", "valid", "test"):
+        sequences = ray.data.read_lance(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES],
+                                        columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS)
+        users = users_per_block(snapshot, max_len, split, train_mode, num_workers)
+        examples = sequences.map_batches(
+            make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode},
+            batch_format="pyarrow", batch_size=users, num_cpus=DATA_TASK_CPUS)
+        # one make_examples call = one block (Ray would otherwise merge small outputs up to 128 MiB)
+        examples.context.target_max_block_size = BLOCK_BYTES
+        examples.context.enable_progress_bars = False  # one line per epoch is the run's output
+        if split_bytes(snapshot, max_len, split, train_mode) <= budget:
+            examples = examples.materialize()
+        datasets[split] = examples
+    return datasets
+
+
+def data_config():
+    """Training data split evenly (DDP needs the same number of steps on every worker); the evaluation
+    splits shared out without dropping a row (Ray's even split drops up to num_workers - 1 of them)."""
+    from ray.train import DataConfig
+
+    class EvenTrainCompleteEval(DataConfig):
+        def __init__(self):
+            super().__init__(datasets_to_split=["train"])
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            train = {name: ds for name, ds in datasets.items() if name == "train"}
+            shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+            for name, ds in datasets.items():
+                if name == "train":
+                    continue
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False,
+                                                                locality_hints=worker_node_ids)):
+                    shards[rank][name] = split
+            return shards
+
+    return EvenTrainCompleteEval()

@@ -1,0 +1,272 @@
+"""A training run from a settings dict: check everything, fit a TorchTrainer, write what the run produced.
+
+    from training import run_training
+    result = run_training({"model": "sasrec", "db": "./lancedb", "epochs": 50, "num_workers": 2})
+
+Order matters: settings, the store (pinned table versions), the frozen features, the model config and a
+probe model, a resumed run's checkpoint and the CPU/GPU plan are all checked in the driver, so a bad
+input is a clear error before any worker starts. Then the TorchTrainer runs training.loop.train_loop
+on every worker with Ray datasets of the pinned sequences. At the end the driver reads the latest
+checkpoint (it holds the best weights and the per-epoch metrics), writes the trained item vectors to
+`item_vectors`, the learning curves beside the checkpoints, and the record to `runs`.
+`callbacks` go to RunConfig (a Ray Tune trial passes TuneReportCallback there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs
+
+from featurestore import store
+from featurestore.sequences import load_item_features
+from recmodels import MODELS, ItemFeatures, create_model
+from training import checkpoint, records
+from training.config import TrainConfig
+from training.data import StoreSnapshot, data_config, example_datasets, snapshot_store
+from training.resources import WorkerPlan, plan_for_cluster
+
+SETTINGS_FILE = "train_config.json"
+PLOT_FILE = "learning_curves.png"
+
+
+class RunDir:
+    """storage/name: where Ray Train keeps the run's checkpoints and we keep its settings and plot.
+
+    A local directory or a URI (s3://, gs://...), read and written through pyarrow's file systems.
+    """
+
+    def __init__(self, storage: str, name: str):
+        self.storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+        self.name = name
+        self.fs, root = pyarrow.fs.FileSystem.from_uri(self.storage)
+        self.path = f"{root.rstrip('/')}/{name}"
+        self.uri = f"{self.storage.rstrip('/')}/{name}"
+
+    def exists(self, filename: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{filename}").type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, filename: str) -> str:
+        with self.fs.open_input_stream(f"{self.path}/{filename}") as stream:
+            return stream.read().decode()
+
+    def write_bytes(self, filename: str, data: bytes) -> str:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{filename}") as stream:
+            stream.write(data)
+        return f"{self.uri}/{filename}"
+
+    def latest_checkpoint(self):
+        """Ray Train's latest committed checkpoint of the run, or None."""
+        from ray.train import Result
+
+        try:
+            return Result.from_path(self.uri).checkpoint
+        except RuntimeError:  # no run there, or it never committed a checkpoint
+            return None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: str
+    checkpoint: str  # the latest checkpoint: last weights, best weights, per-epoch metrics
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    test: dict[str, float]
+    wall_time_s: float
+    plot: str
+    vectors_indexed: bool
+
+    def lines(self) -> list[str]:
+        best = self.history[self.best_epoch - 1]
+        epoch_s = np.mean([m["epoch_s"] for m in self.history])
+        per_worker = np.mean([m["sequences_per_s_per_worker"] for m in self.history])
+        stop = "early stop" if self.stopped_early else "all epochs"
+        test = " ".join(f"{k[5:]} {v:.4f}" for k, v in self.test.items() if k[5:].split("@")[1] in ("10", "20"))
+        return [
+            f"run {self.run_id}: {len(self.history)} epochs ({stop}), best epoch {self.best_epoch}, "
+            f"{self.wall_time_s:.0f} s wall, {epoch_s:.1f} s/epoch, {per_worker:,.0f} sequences/s per worker",
+            "valid " + " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_")),
+            f"test  {test}",
+            f"checkpoint {self.checkpoint}",
+            f"learning curves {self.plot}",
+        ]
+
+
+def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResult:
+    started, started_at = time.perf_counter(), records.now()
+    settings, run_dir = resolve_settings(config)
+    ensure_ray()
+    db = store.connect(settings.db)
+    interval_scale = settings.model_config.get("interval_scale", 100.0)
+    snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers, interval_scale)
+    features, modalities = model_features(db, index, settings)
+    meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
+    if settings.resume:
+        check_resumable(run_dir, meta, features, snapshot.n_items)
+    records.check_vectors_table(db, settings.vectors_table, vector_dim)
+    plan = plan_for_cluster(settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
+                            settings.threads_per_worker)
+    print(f"run {run_dir.name}: {settings.model}, {snapshot.n_items} items, {snapshot.users} users, "
+          f"{snapshot.train_examples(settings.train_mode)} training sequences per epoch; {plan}", flush=True)
+
+    trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks)
+    run_dir.write_bytes(SETTINGS_FILE, json.dumps(settings.to_dict(), indent=1).encode())
+    base = {"run_id": run_dir.name, "model": settings.model, "started_at": started_at, "run_dir": run_dir.uri,
+            "config": json.dumps({"settings": settings.to_dict(), "model": meta}), "monitor": settings.monitor_key,
+            "db_uri": snapshot.db_uri, "num_workers": plan.num_workers, "n_items": snapshot.n_items,
+            "n_parameters": n_parameters, **{f"{name}_version": v for name, v in snapshot.versions.items()}}
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        records.write_run(db, base | {"status": "failed", "error": f"{type(error).__name__}: {error}"[:4000],
+                                      "finished_at": records.now(), "wall_time_s": time.perf_counter() - started})
+        raise
+    return finish(db, settings, run_dir, result, features, index, base, started)
+
+
+def resolve_settings(config: Mapping[str, Any]) -> tuple[TrainConfig, RunDir]:
+    """The run's settings (a resumed run: its saved ones, updated by what the call changes) and its directory."""
+    settings = TrainConfig.from_dict(config)
+    name = settings.name or f"{settings.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = RunDir(settings.storage, name)
+    if settings.resume:
+        if not run_dir.exists(SETTINGS_FILE):
+            raise ValueError(f"nothing to resume: no run {name!r} in {run_dir.storage}")
+        saved = TrainConfig.from_dict(json.loads(run_dir.read_text(SETTINGS_FILE)))
+        settings = saved.resumed_with(config)
+    elif run_dir.exists(SETTINGS_FILE):
+        raise ValueError(f"run {name!r} already exists in {run_dir.storage}: continue it with --resume "
+                         f"or choose another --name")
+    return dataclasses.replace(settings, name=name), run_dir
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init()  # under `ray job submit` this joins the cluster (RAY_ADDRESS)
+
+
+def config_fields(model: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(MODELS[model].config_class)}
+
+
+def model_features(db, index, settings: TrainConfig) -> tuple[dict[str, np.ndarray] | None, list[str] | None]:
+    """(the frozen item feature matrices the model uses, its modalities); (None, None) for an id-only model.
+
+    A model with `modalities` (HM4SR) uses the text/image streams the items have unless told otherwise,
+    and the category labels when its category loss is on.
+    """
+    if "modalities" not in config_fields(settings.model):
+        return None, None
+    stored = load_item_features(db, index)
+    defaults = MODELS[settings.model].config_class()
+    modalities = list(settings.model_config.get("modalities")
+                      or [m for m in defaults.modalities if m == "id" or stored.get(m) is not None])
+    features = {name: stored[name] for name in ("text", "image") if name in modalities and stored[name] is not None}
+    if settings.model_config.get("cp_weight", defaults.cp_weight):
+        if not stored["category_vocab"]:
+            raise store.StoreError("the items have no categories, which the category loss needs: set cp_weight 0")
+        features["categories"] = stored["categories"]
+    return features, modalities
+
+
+def resolve_model(settings: TrainConfig, snapshot: StoreSnapshot, features: dict[str, np.ndarray] | None,
+                  modalities: list[str] | None) -> tuple[dict, int, int]:
+    """(checkpoint meta with the full model config, parameter count, item vector width) from a probe model.
+
+    Building the model here turns a bad hyper-parameter or a missing feature into an error now.
+    """
+    model_config = dict(settings.model_config, max_seq_len=settings.max_len)
+    if modalities is not None:
+        model_config["modalities"] = modalities
+    if "n_intervals" in config_fields(settings.model):
+        model_config["n_intervals"] = snapshot.max_interval_index
+    item_features = None if features is None else ItemFeatures.from_numpy(features)
+    probe = create_model(settings.model, model_config, snapshot.n_items, item_features)
+    meta = {"model": settings.model, "model_config": json.loads(json.dumps(dataclasses.asdict(probe.config))),
+            "n_items": snapshot.n_items, "feature_dims": checkpoint.feature_dims(item_features)}
+    return meta, sum(p.numel() for p in probe.parameters()), int(probe.item_representations().shape[1])
+
+
+def check_resumable(run_dir: RunDir, meta: dict, features: dict | None, n_items: int) -> None:
+    """The store must still fit the checkpoint the run resumes from."""
+    latest = run_dir.latest_checkpoint()
+    if latest is None:
+        print(f"run {run_dir.name} has no checkpoint yet: it starts from epoch 1", flush=True)
+        return
+    with latest.as_directory() as directory:
+        saved = checkpoint.read_meta(directory)
+    item_features = None if features is None else ItemFeatures.from_numpy(features)
+    checkpoint.check_features(saved, item_features, n_items, latest.path)
+    if saved["model_config"] != meta["model_config"]:
+        raise ValueError(f"the model config resolved now differs from checkpoint {latest.path}'s "
+                         f"(e.g. the interval table size follows the data): start a new run")
+
+
+def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features: dict | None) -> dict:
+    """train_loop's config: the features travel once through the object store, not with every worker's config."""
+    import ray
+
+    return {"settings": settings.to_dict(), "meta": meta, "threads": plan.threads_per_worker,
+            "features": None if features is None else ray.put(features),
+            "batch_size": -(-settings.batch_size // settings.num_workers)}
+
+
+def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snapshot: StoreSnapshot, meta: dict,
+                  features: dict | None, callbacks: Sequence):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_loop
+
+    run_config = RunConfig(
+        name=run_dir.name, storage_path=run_dir.storage, callbacks=list(callbacks),
+        # the best checkpoint by the monitored metric; Ray Train always keeps the latest one as well
+        checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=settings.monitor_key,
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=settings.max_failures),
+    )
+    return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features),
+                        scaling_config=plan.scaling_config(), run_config=run_config, dataset_config=data_config(),
+                        datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers))
+
+
+def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | None, index, base: dict,
+           started: float) -> RunResult:
+    """Item vectors, learning curves and the `runs` record from the latest checkpoint and the final report."""
+    with result.checkpoint.as_directory() as directory:
+        progress = checkpoint.read_progress(directory)
+        model = checkpoint.load_model(directory, None if features is None else ItemFeatures.from_numpy(features))
+    vectors = model.item_representations().detach().numpy()[1:]  # row 0 is padding
+    indexed = records.write_item_vectors(db, settings.vectors_table, run_dir.name, index.ids, vectors)
+    plot = run_dir.write_bytes(PLOT_FILE, records.learning_curves_png(
+        progress.history, settings.monitor_key, f"{run_dir.name} ({settings.model})"))
+    test = {k: v for k, v in result.return_value.items() if k.startswith("test_")}
+    history = progress.history
+    wall = time.perf_counter() - started
+    records.write_run(db, base | {
+        "status": "finished", "finished_at": records.now(), "epochs": json.dumps(history),
+        "epochs_run": progress.epoch, "best_epoch": progress.best_epoch, "stopped_early": progress.stopped_early,
+        "restored_at": progress.restored_at, "best_value": progress.best_value, "test_metrics": json.dumps(test),
+        "checkpoint": result.checkpoint.path, "plot": plot, "wall_time_s": wall,
+        "train_time_s": sum(m["epoch_s"] for m in history),
+        "mean_epoch_s": float(np.mean([m["epoch_s"] for m in history])),
+        "sequences_per_s": float(np.mean([m["sequences_per_s"] for m in history])),
+        "sequences_per_s_per_worker": float(np.mean([m["sequences_per_s_per_worker"] for m in history])),
+    })
+    return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
+                     best_epoch=progress.best_epoch, stopped_early=progress.stopped_early, test=test,
+                     wall_time_s=wall, plot=plot, vectors_indexed=indexed)
