@@ -52,7 +52,7 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     threads_per_worker: int | None = None  # torch intra-op threads; None: the worker's CPU count, rounded
     max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
-    vectors_table: str = "item_vectors"
+    vectors_table: str | None = None  # None: item_vectors, or item_vectors_<D> if that holds another width
     fail_at: dict[str, Any] | None = None  # tests only: {"epoch", "step", "rank", "marker"}, see training.loop
 
     def __post_init__(self) -> None:

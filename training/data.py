@@ -55,14 +55,13 @@ def open_required(db, name: str):
 def snapshot_store(db, max_len: int, train_mode: str, num_workers: int,
                    interval_scale: float = 100.0) -> tuple[StoreSnapshot, ItemIndex]:
     """Pin the versions of items, interactions and sequences and check they can train a model."""
-    tables = {name: open_required(db, name) for name in WRITTEN_BY}
+    tables = {}
+    for name in WRITTEN_BY:  # in the order the flows create them: the first gap is the one to fix
+        tables[name] = open_required(db, name)
+        if tables[name].count_rows() == 0:
+            raise store.StoreError(f"table {name!r} in {db.uri} is empty: run {WRITTEN_BY[name]} first")
     versions = {name: int(table.version) for name, table in tables.items()}
-    if tables[store.INTERACTIONS].count_rows() == 0:
-        raise store.StoreError(f"table 'interactions' in {db.uri} is empty: import interactions with "
-                               f"{WRITTEN_BY[store.INTERACTIONS]} first")
     index = ItemIndex.from_db(db)
-    if len(index) == 0:
-        raise store.StoreError(f"table 'items' in {db.uri} holds no items: run {WRITTEN_BY[store.ITEMS]} first")
     sequences = tables[SEQUENCES].to_lance()  # one Lance dataset object = one version, read consistently
     rows = sequences.to_table(columns=["item_idx", "timestamps"])
     counts = split_counts(rows, max_len)
@@ -126,8 +125,8 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
 
 
 def data_config():
-    """Training data split evenly (DDP needs the same number of steps on every worker); the evaluation
-    splits shared out without dropping a row (Ray's even split drops up to num_workers - 1 of them)."""
+    """Training data split evenly (DDP needs the same number of steps on every worker: Ray's even split
+    drops up to num_workers - 1 rows per epoch for that); the evaluation splits shared out whole."""
     from ray.train import DataConfig
 
     class EvenTrainCompleteEval(DataConfig):

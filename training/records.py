@@ -3,7 +3,8 @@
 runs          one row per run id (a resumed run replaces its row): settings, per-epoch metrics and test
               metrics as JSON, the table versions read, timing and throughput.
 item_vectors  (run_id, item_id, vector FixedSizeList<float32>[D]): the trained item representations
-              (`item_representations()`), queried like the raw embeddings; one table holds one D.
+              (`item_representations()`), queried like the raw embeddings. A table holds one width D:
+              runs with another width go to item_vectors_<D> (the run record names the table).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from featurestore.encode import INDEX_MIN_ROWS
 from featurestore.sequences import sql_string
 
 RUNS = "runs"
+VECTORS = "item_vectors"
 # The models score users against items by dot product, so that is the metric the index ranks by.
 VECTOR_METRIC = "dot"
 
@@ -46,6 +48,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("run_dir", pa.string()),
         pa.field("checkpoint", pa.string()),  # the latest checkpoint (it holds the best weights too)
         pa.field("plot", pa.string()),
+        pa.field("vectors_table", pa.string()),
         pa.field("wall_time_s", pa.float64()),  # this invocation, Ray start-up and result writing included
         pa.field("train_time_s", pa.float64()),  # sum of epoch times over all attempts' kept epochs
         pa.field("mean_epoch_s", pa.float64()),
@@ -72,7 +75,7 @@ def read_runs(db):
     """The `runs` table as a DataFrame with config, epochs and test_metrics decoded."""
     frame = store.open_table(db, RUNS).to_pandas()
     for column in ("config", "epochs", "test_metrics"):
-        frame[column] = frame[column].map(lambda text: None if text is None else json.loads(text))
+        frame[column] = frame[column].map(json.loads, na_action="ignore")
     return frame
 
 
@@ -85,6 +88,11 @@ def vector_dim(db, table_name: str) -> int | None:
     """The vector width an existing vectors table holds (None if there is no such table)."""
     table = store.open_table(db, table_name, required=False)
     return None if table is None else table.schema.field("vector").type.list_size
+
+
+def vectors_table_for(db, dim: int) -> str:
+    """item_vectors, unless it holds vectors of another width: then item_vectors_<dim>."""
+    return VECTORS if vector_dim(db, VECTORS) in (None, dim) else f"{VECTORS}_{dim}"
 
 
 def check_vectors_table(db, table_name: str, dim: int) -> None:

@@ -85,6 +85,7 @@ class RunResult:
     test: dict[str, float]
     wall_time_s: float
     plot: str
+    vectors_table: str
     vectors_indexed: bool
 
     def lines(self) -> list[str]:
@@ -99,6 +100,7 @@ class RunResult:
             "valid " + " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_")),
             f"test  {test}",
             f"checkpoint {self.checkpoint}",
+            f"item vectors in table {self.vectors_table}" + (" (indexed)" if self.vectors_indexed else ""),
             f"learning curves {self.plot}",
         ]
 
@@ -114,7 +116,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
     if settings.resume:
         check_resumable(run_dir, meta, features, snapshot.n_items)
-    records.check_vectors_table(db, settings.vectors_table, vector_dim)
+    vectors_table = settings.vectors_table or records.vectors_table_for(db, vector_dim)
+    records.check_vectors_table(db, vectors_table, vector_dim)
     plan = plan_for_cluster(settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
                             settings.threads_per_worker)
     print(f"run {run_dir.name}: {settings.model}, {snapshot.n_items} items, {snapshot.users} users, "
@@ -125,7 +128,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     base = {"run_id": run_dir.name, "model": settings.model, "started_at": started_at, "run_dir": run_dir.uri,
             "config": json.dumps({"settings": settings.to_dict(), "model": meta}), "monitor": settings.monitor_key,
             "db_uri": snapshot.db_uri, "num_workers": plan.num_workers, "n_items": snapshot.n_items,
-            "n_parameters": n_parameters, **{f"{name}_version": v for name, v in snapshot.versions.items()}}
+            "n_parameters": n_parameters, "vectors_table": vectors_table,
+            **{f"{name}_version": v for name, v in snapshot.versions.items()}}
     try:
         result = trainer.fit()
     except Exception as error:
@@ -251,7 +255,7 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
         progress = checkpoint.read_progress(directory)
         model = checkpoint.load_model(directory, None if features is None else ItemFeatures.from_numpy(features))
     vectors = model.item_representations().detach().numpy()[1:]  # row 0 is padding
-    indexed = records.write_item_vectors(db, settings.vectors_table, run_dir.name, index.ids, vectors)
+    indexed = records.write_item_vectors(db, base["vectors_table"], run_dir.name, index.ids, vectors)
     plot = run_dir.write_bytes(PLOT_FILE, records.learning_curves_png(
         progress.history, settings.monitor_key, f"{run_dir.name} ({settings.model})"))
     test = {k: v for k, v in result.return_value.items() if k.startswith("test_")}
@@ -269,4 +273,4 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     })
     return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
                      best_epoch=progress.best_epoch, stopped_early=progress.stopped_early, test=test,
-                     wall_time_s=wall, plot=plot, vectors_indexed=indexed)
+                     wall_time_s=wall, plot=plot, vectors_table=base["vectors_table"], vectors_indexed=indexed)

@@ -1,0 +1,295 @@
+"""The training flow: resource plan, settings, and real Ray Train runs on MovieLens-100k in a real LanceDB.
+
+The store holds the real ML-100k items and interactions; the text features are random 32-d vectors
+(the encoders have their own tests, and a tiny model needs no real text to learn popularity).
+The end-to-end runs use all three models: SASRec (quality and reload checks), HM4SR (interrupted,
+refused on changed features, resumed) and FAME (a worker killed mid-epoch).
+"""
+import math
+import runpy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from featurestore import movielens, store
+from featurestore.encode import items_schema
+from featurestore.interactions import INTERACTIONS_SCHEMA, import_interactions
+from featurestore.sequences import build_sequences, make_examples, read_sequences
+from recmodels import create_model
+from training import TrainConfig, checkpoint, records, run_training
+from training.checkpoint import Progress
+from training.evaluate import numpy_batches, prefixed_means, ranking_sums
+from training.loop import epoch_line
+from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_DIM = 32
+TINY = {"hidden_size": 16, "n_layers": 1}
+FAST = {"epochs": 2, "num_workers": 2, "batch_size": 128, "lr": 5e-3, "max_len": 50, "eval_batch_size": 512}
+
+
+# ---------------------------------------------------------------- the CPU budget (no Ray needed)
+
+
+def test_two_workers_with_a_cpu_each_on_two_cores_is_refused_not_left_to_hang():
+    with pytest.raises(ResourcePlanError, match="leave 0 for Ray Data.*wait for its first batch forever"):
+        plan_workers(cluster_cpus=2, cluster_gpus=0, largest_node_cpus=2, num_workers=2, cpus_per_worker=1.0)
+
+
+def test_the_automatic_plan_shares_what_ray_data_does_not_need():
+    plan = plan_workers(cluster_cpus=2, cluster_gpus=0, largest_node_cpus=2, num_workers=2)
+    assert (plan.cpus_per_worker, plan.data_cpus, plan.threads_per_worker) == (0.75, DATA_CPU_RESERVE, 1)
+    single = plan_workers(cluster_cpus=2, cluster_gpus=0, largest_node_cpus=2, num_workers=1)
+    assert (single.cpus_per_worker, single.threads_per_worker) == (1.5, 2)
+    assert single.scaling_config().resources_per_worker == {"CPU": 1.5}
+
+
+@pytest.mark.parametrize("ask, message", [
+    ({"num_workers": 2, "gpus_per_worker": 1}, "need 2 GPUs; the cluster has 0"),
+    ({"num_workers": 1, "cpus_per_worker": 3}, "largest node has 2"),
+    ({"num_workers": 0}, "num_workers must be >= 1"),
+])
+def test_plans_the_cluster_cannot_run_are_refused(ask, message):
+    with pytest.raises(ResourcePlanError, match=message):
+        plan_workers(cluster_cpus=2, cluster_gpus=0, largest_node_cpus=2, **ask)
+
+
+# ---------------------------------------------------------------- settings, progress, output
+
+
+def test_settings_reject_unknown_keys_models_and_monitors():
+    with pytest.raises(ValueError, match="unknown training setting.*'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="unknown model 'bert4rec'"):
+        TrainConfig(model="bert4rec")
+    with pytest.raises(ValueError, match="monitor 'ndcg@20' is not one of"):
+        TrainConfig(ks=(5, 10))
+
+
+def test_resume_keeps_the_experiment_and_lets_limits_change():
+    saved = TrainConfig(model="hm4sr", name="run", lr=1e-3, epochs=10, model_config={"dropout": 0.2})
+    resumed = saved.resumed_with({"name": "run", "resume": True, "epochs": 20, "num_workers": 2})
+    assert (resumed.epochs, resumed.num_workers, resumed.model_config, resumed.lr) == (20, 2, {"dropout": 0.2}, 1e-3)
+    with pytest.raises(ValueError, match=r"lr \(run: 0.001, given: 0.01\).*model_config"):
+        saved.resumed_with({"lr": 1e-2, "model_config": {"dropout": 0.3}})
+
+
+def test_progress_stops_after_patience_epochs_without_a_gain_and_can_be_given_more():
+    progress = Progress()
+    for value in (0.1, 0.3, 0.2, 0.3):
+        progress.record({"epoch": progress.epoch + 1}, value, epochs=10, patience=2)
+    assert (progress.best_epoch, progress.finished, progress.stopped_early) == (2, True, True)
+    progress.update_stop(epochs=10, patience=5)  # a resumed run with more patience goes on
+    assert not progress.finished
+
+
+def test_one_readable_line_per_epoch():
+    metrics = {"epoch": 3, "loss": 9.5, "loss_ce": 7.25, "loss_cp": 0.5, "val_hr@10": 0.1, "val_ndcg@10": 0.05,
+               "val_ndcg@20": 0.06, "epoch_s": 4.25, "train_s": 3.5, "eval_s": 0.75, "sequences_per_s": 1234.0,
+               "sequences_per_s_per_worker": 617.0, "is_best": True}
+    assert epoch_line(metrics, TrainConfig(epochs=10)) == (
+        "epoch   3/10 | loss 9.5000 (ce 7.2500, cp 0.5000) | val hr@10 0.1000 ndcg@10 0.0500 ndcg@20 0.0600 *best* "
+        "| 4.2 s (train 3.5, eval 0.8) | 1,234 seq/s, 617/worker")
+
+
+def test_flow_arguments_become_settings_and_a_model_config():
+    flow = runpy.run_path(str(REPO / "flows" / "train.py"), run_name="flow")
+    settings = flow["parse_args"](["--model", "hm4sr", "--epochs", "3", "--modalities", "id", "text",
+                                   "--cp-weight", "0.5", "--num-workers", "2", "--train-mode", "last"])
+    assert settings == {"model": "hm4sr", "epochs": 3, "num_workers": 2, "train_mode": "last",
+                        "model_config": {"modalities": ["id", "text"], "cp_weight": 0.5}}
+    assert flow["parse_args"]([]) == {}  # unset flags stay unset: defaults, or a resumed run's settings
+
+
+# ---------------------------------------------------------------- a MovieLens-100k store
+
+
+def write_items(db, text_dim: int) -> None:
+    """ML-100k's items with random unit text vectors (seeded) of width text_dim."""
+    items = movielens.load_items("ml-100k")
+    vectors = np.random.default_rng(0).normal(size=(len(items), text_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    schema = items_schema(text_dim, 8)
+    given = {"item_id": items["item_id"].tolist(), "text": items["title"].tolist(),
+             "categories": items["genres"].tolist(),
+             "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), text_dim)}
+    columns = [given.get(f.name, pa.nulls(len(items), f.type)) for f in schema]
+    db.create_table(store.ITEMS, data=pa.table(columns, schema=schema), mode="overwrite")
+
+
+@pytest.fixture(scope="module")
+def ml100k(ray_local, tmp_path_factory):
+    db = store.connect(str(tmp_path_factory.mktemp("ml100k") / "db"))
+    write_items(db, TEXT_DIM)
+    import_interactions(db, "ml-100k")
+    build_sequences(db)
+    return db
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fail the test if a run gets as far as building its TorchTrainer."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bad input was not caught before the workers start")
+
+    monkeypatch.setattr("training.run.build_trainer", refuse)
+
+
+def single_process_test_metrics(model, db, max_len: int, ks) -> dict[str, float]:
+    """Every test user scored in this process, in order: what the workers' all-reduced sums must equal."""
+    examples = make_examples(read_sequences(db), "test", max_len)
+    return prefixed_means(ranking_sums(model, numpy_batches(examples, 256), ks), "test")
+
+
+# ---------------------------------------------------------------- bad input: clear errors, no workers
+
+
+@pytest.mark.slow
+def test_unknown_model_fails_before_anything_starts(ml100k, tmp_path, no_workers):
+    with pytest.raises(ValueError, match="unknown model 'gru4rec'"):
+        run_training({"model": "gru4rec", "db": ml100k.uri, "storage": str(tmp_path)})
+    flow = runpy.run_path(str(REPO / "flows" / "train.py"), run_name="flow")
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        flow["parse_args"](["--model", "gru4rec"])
+
+
+@pytest.mark.slow
+def test_a_store_without_items_is_refused(ml100k, tmp_path, no_workers, capsys):
+    flow = runpy.run_path(str(REPO / "flows" / "train.py"), run_name="flow")
+    assert flow["main"](["--db", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs")]) == 2
+    error = capsys.readouterr().err
+    assert "table 'items' does not exist" in error and "run flows/encode_items.py first" in error
+
+
+@pytest.mark.slow
+def test_an_empty_interactions_table_is_refused(ml100k, tmp_path, no_workers):
+    db = store.connect(str(tmp_path / "db"))
+    write_items(db, TEXT_DIM)
+    db.create_table(store.INTERACTIONS, schema=INTERACTIONS_SCHEMA)
+    with pytest.raises(store.StoreError, match="table 'interactions' .* is empty: run flows/import_interactions.py"):
+        run_training({"db": db.uri, "storage": str(tmp_path / "runs")})
+
+
+@pytest.mark.slow
+def test_workers_that_would_starve_ray_data_are_refused(ml100k, tmp_path, no_workers):
+    with pytest.raises(ResourcePlanError, match="leave 0 for Ray Data"):
+        run_training({"db": ml100k.uri, "storage": str(tmp_path), "num_workers": 2, "cpus_per_worker": 1.0})
+
+
+@pytest.mark.slow
+def test_a_bad_model_hyper_parameter_is_refused(ml100k, tmp_path, no_workers):
+    with pytest.raises(ValueError, match="unknown SASRecConfig key.*'n_experts'"):
+        run_training({"db": ml100k.uri, "storage": str(tmp_path), "model_config": {"n_experts": 4}})
+
+
+# ---------------------------------------------------------------- a short real run
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(ml100k, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    result = run_training({"model": "sasrec", "db": ml100k.uri, "storage": str(storage), "name": "sasrec-short",
+                           "model_config": {**TINY, "n_heads": 1}, **FAST})
+    return result
+
+
+@pytest.mark.slow
+def test_short_run_metrics_are_finite_and_beat_an_untrained_model(sasrec_run, ml100k):
+    result = sasrec_run
+    assert [m["epoch"] for m in result.history] == [1, 2]
+    for metrics in result.history:
+        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+        # 943 users; Ray's even split for DDP drops up to num_workers - 1 rows per epoch
+        assert 942 <= metrics["sequences"] <= 943 and metrics["sequences_per_s_per_worker"] > 0
+    meta = checkpoint.read_meta(result.checkpoint)
+    torch.manual_seed(0)
+    untrained = create_model("sasrec", meta["model_config"], meta["n_items"]).eval()
+    before = single_process_test_metrics(untrained, ml100k, 50, TrainConfig().ks)
+    assert result.test["test_ndcg@10"] > 2 * before["test_ndcg@10"]
+    assert result.test["test_hr@20"] > 2 * before["test_hr@20"]
+    assert all(math.isfinite(v) for v in result.test.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_to_the_scores_the_workers_reported(sasrec_run, ml100k):
+    result = sasrec_run
+    model = checkpoint.load_model(result.checkpoint, None)
+    # the distributed evaluation (2 workers, all-reduced sums) equals one process scoring every user
+    alone = single_process_test_metrics(model, ml100k, 50, TrainConfig().ks)
+    assert alone == pytest.approx(result.test, rel=1e-9, abs=1e-12)
+    vectors = ml100k.open_table(result.vectors_table).to_pandas()
+    assert len(vectors) == 1682 and set(vectors["run_id"]) == {"sasrec-short"}
+    stored = np.stack(vectors.sort_values("item_id")["vector"].to_numpy())
+    expected = model.item_representations().detach().numpy()[1:]  # the index order is sorted ids
+    np.testing.assert_array_equal(stored, expected)
+
+
+@pytest.mark.slow
+def test_the_run_is_recorded_with_versions_timing_and_a_plot(sasrec_run, ml100k):
+    run = records.read_runs(ml100k).set_index("run_id").loc["sasrec-short"]
+    assert (run.status, run.model, run.epochs_run, run.num_workers, run.n_items) == ("finished", "sasrec", 2, 2, 1682)
+    for name in ("items", "interactions", "sequences"):
+        assert run[f"{name}_version"] == ml100k.open_table(name).version
+    assert run.config["settings"]["lr"] == 5e-3 and run.config["model"]["model_config"]["hidden_size"] == 16
+    assert [m["epoch"] for m in run.epochs] == [1, 2] and run.test_metrics == sasrec_run.test
+    assert run.wall_time_s > run.train_time_s > 0 and run.sequences_per_s > 0
+    assert Path(sasrec_run.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(sasrec_run.plot).parent == Path(sasrec_run.checkpoint).parent
+    kept = [p for p in Path(sasrec_run.run_dir).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert 1 <= len(kept) <= 2  # the best and the latest
+
+
+# ---------------------------------------------------------------- interruption, resume, worker failure
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(ml100k, tmp_path, monkeypatch):
+    from ray.train import TrainingFailedError
+
+    settings = {"model": "hm4sr", "db": ml100k.uri, "storage": str(tmp_path / "runs"), "name": "hm4sr-cut",
+                "model_config": TINY, **FAST, "max_failures": 0,
+                "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(tmp_path / "crashed")}}
+    with pytest.raises(TrainingFailedError):
+        run_training(settings)
+    assert records.read_runs(ml100k).set_index("run_id").loc["hm4sr-cut"].status == "failed"
+
+    # the items were re-encoded with another text encoder: the checkpoint no longer fits, before any worker
+    changed = store.connect(str(tmp_path / "changed"))
+    shutil.copytree(ml100k.uri, changed.uri, dirs_exist_ok=True)
+    write_items(store.connect(changed.uri), 16)
+    with monkeypatch.context() as patch:
+        patch.setattr("training.run.build_trainer", lambda *a, **k: pytest.fail("workers started"))
+        with pytest.raises(ValueError, match="'text' is 16-d in the items table, but checkpoint .* 32-d"):
+            run_training({"name": "hm4sr-cut", "storage": str(tmp_path / "runs"), "resume": True, "db": changed.uri})
+
+    result = run_training({"name": "hm4sr-cut", "storage": str(tmp_path / "runs"), "resume": True})
+    progress = checkpoint.read_progress(result.checkpoint)
+    assert [m["epoch"] for m in result.history] == [1, 2] and progress.restored_at == [1]
+    assert set(result.history[0]) >= {"loss_ce", "loss_cp", "loss_idcl", "loss_pcl"}
+    run = records.read_runs(ml100k).set_index("run_id").loc["hm4sr-cut"]
+    assert run.status == "finished" and run.restored_at.tolist() == [1]
+    assert run.config["model"]["model_config"]["modalities"] == ["id", "text"]  # the items have no images
+    assert ml100k.open_table(run.vectors_table).schema.field("vector").type.list_size == 32  # id + text, d 16
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ml100k, tmp_path):
+    marker = tmp_path / "killed"
+    result = run_training({"model": "fame", "db": ml100k.uri, "storage": str(tmp_path / "runs"), "name": "fame-kill",
+                           "model_config": TINY, **FAST, "epochs": 3, "max_failures": 1,
+                           "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(marker)}})
+    assert marker.exists()  # rank 1 did die in epoch 2
+    assert [m["epoch"] for m in result.history] == [1, 2, 3]  # the same epochs as an uninterrupted run
+    assert checkpoint.read_progress(result.checkpoint).restored_at == [1]
+    assert all(math.isfinite(v) for v in result.test.values())
+
+
+@pytest.mark.slow
+def test_a_finished_run_name_is_not_reused_by_accident(sasrec_run, ml100k, no_workers):
+    storage = str(Path(sasrec_run.run_dir).parent)
+    with pytest.raises(ValueError, match="already exists.*--resume"):
+        run_training({"db": ml100k.uri, "storage": storage, "name": "sasrec-short"})
