@@ -2,8 +2,8 @@
 
 The store holds the real ML-100k items and interactions; the text features are random 32-d vectors
 (the encoders have their own tests, and a tiny model needs no real text to learn popularity).
-The end-to-end runs use all three models: SASRec (quality and reload checks), HM4SR (interrupted,
-refused on changed features, resumed) and FAME (a worker killed mid-epoch).
+The end-to-end runs: SASRec (quality, reload and record checks) and HM4SR (interrupted, refused on
+changed features, resumed, a worker killed mid-epoch).
 """
 import math
 import runpy
@@ -247,45 +247,41 @@ def test_the_run_is_recorded_with_versions_timing_and_a_plot(sasrec_run, ml100k)
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(ml100k, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_and_survives_a_killed_worker(ml100k, tmp_path, monkeypatch):
+    """One HM4SR run, three invocations (fits are the expensive part of these tests)."""
     from ray.train import TrainingFailedError
 
-    settings = {"model": "hm4sr", "db": ml100k.uri, "storage": str(tmp_path / "runs"), "name": "hm4sr-cut",
-                "model_config": TINY, **FAST, "max_failures": 0,
-                "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(tmp_path / "crashed")}}
+    runs = str(tmp_path / "runs")
+    # 1. rank 1 dies in the middle of epoch 2 and no restart is allowed: the run is interrupted
     with pytest.raises(TrainingFailedError):
-        run_training(settings)
+        run_training({"model": "hm4sr", "db": ml100k.uri, "storage": runs, "name": "hm4sr-cut",
+                      "model_config": TINY, **FAST, "epochs": 3, "max_failures": 0,
+                      "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(tmp_path / "crashed")}})
     assert records.read_runs(ml100k).set_index("run_id").loc["hm4sr-cut"].status == "failed"
 
-    # the items were re-encoded with another text encoder: the checkpoint no longer fits, before any worker
+    # 2. the items were re-encoded with another text encoder: the checkpoint no longer fits the store
     changed = store.connect(str(tmp_path / "changed"))
     shutil.copytree(ml100k.uri, changed.uri, dirs_exist_ok=True)
     write_items(store.connect(changed.uri), 16)
     with monkeypatch.context() as patch:
         patch.setattr("training.run.build_trainer", lambda *a, **k: pytest.fail("workers started"))
         with pytest.raises(ValueError, match="'text' is 16-d in the items table, but checkpoint .* 32-d"):
-            run_training({"name": "hm4sr-cut", "storage": str(tmp_path / "runs"), "resume": True, "db": changed.uri})
+            run_training({"name": "hm4sr-cut", "storage": runs, "resume": True, "db": changed.uri})
 
-    result = run_training({"name": "hm4sr-cut", "storage": str(tmp_path / "runs"), "resume": True})
-    progress = checkpoint.read_progress(result.checkpoint)
-    assert [m["epoch"] for m in result.history] == [1, 2] and progress.restored_at == [1]
+    # 3. --resume continues from the epoch-1 checkpoint; in epoch 3 rank 1 is killed mid-epoch, and Ray
+    #    Train restarts the workers from the epoch-2 checkpoint
+    killed = tmp_path / "killed"
+    result = run_training({"name": "hm4sr-cut", "storage": runs, "resume": True, "max_failures": 1,
+                           "fail_at": {"epoch": 3, "step": 1, "rank": 1, "marker": str(killed)}})
+    assert killed.exists()
+    assert [m["epoch"] for m in result.history] == [1, 2, 3]  # the epochs of an uninterrupted run
+    assert checkpoint.read_progress(result.checkpoint).restored_at == [1, 2]
     assert set(result.history[0]) >= {"loss_ce", "loss_cp", "loss_idcl", "loss_pcl"}
+    assert all(math.isfinite(v) for v in result.test.values())
     run = records.read_runs(ml100k).set_index("run_id").loc["hm4sr-cut"]
-    assert run.status == "finished" and run.restored_at.tolist() == [1]
+    assert run.status == "finished" and run.restored_at.tolist() == [1, 2] and run.epochs_run == 3
     assert run.config["model"]["model_config"]["modalities"] == ["id", "text"]  # the items have no images
     assert ml100k.open_table(run.vectors_table).schema.field("vector").type.list_size == 32  # id + text, d 16
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(ml100k, tmp_path):
-    marker = tmp_path / "killed"
-    result = run_training({"model": "fame", "db": ml100k.uri, "storage": str(tmp_path / "runs"), "name": "fame-kill",
-                           "model_config": TINY, **FAST, "epochs": 3, "max_failures": 1,
-                           "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(marker)}})
-    assert marker.exists()  # rank 1 did die in epoch 2
-    assert [m["epoch"] for m in result.history] == [1, 2, 3]  # the same epochs as an uninterrupted run
-    assert checkpoint.read_progress(result.checkpoint).restored_at == [1]
-    assert all(math.isfinite(v) for v in result.test.values())
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ names exactly what was read. Problems with the store are raised here, before any
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -101,12 +102,12 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
     """{"train", "valid", "test"}: Ray datasets of leave-one-out examples from the pinned sequences.
 
     A split that fits in MATERIALIZE_SHARE of the object store is computed once, here, before the
-    workers start: epochs then stream it from memory instead of re-reading and re-slicing the table
-    (seconds per epoch on a small machine). A larger split (train_mode "last" on a big data set) streams.
+    workers start (the three at once: each execution mostly waits on scheduling): epochs then stream
+    it from memory instead of re-reading and re-slicing the table. A larger split (train_mode "last"
+    on a big data set) streams every epoch.
     """
     import ray
 
-    budget = MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
     datasets = {}
     for split in ("train", "valid", "test"):
         sequences = ray.data.read_lance(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES],
@@ -118,9 +119,11 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
         # one make_examples call = one block (Ray would otherwise merge small outputs up to 128 MiB)
         examples.context.target_max_block_size = BLOCK_BYTES
         examples.context.enable_progress_bars = False  # one line per epoch is the run's output
-        if split_bytes(snapshot, max_len, split, train_mode) <= budget:
-            examples = examples.materialize()
         datasets[split] = examples
+    budget = MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+    small = [split for split in datasets if split_bytes(snapshot, max_len, split, train_mode) <= budget]
+    with ThreadPoolExecutor(max(len(small), 1)) as pool:
+        datasets.update(zip(small, pool.map(lambda split: datasets[split].materialize(), small)))
     return datasets
 
 

@@ -57,7 +57,7 @@ def train_loop(config: dict) -> dict:
     progress, best_weights, optimizer_state = restore(ray.train.get_checkpoint(), model, settings)
     torch.manual_seed(settings.seed + 1_000_003 * rank + progress.epoch)  # dropout and sampling: per worker
     trainer_model = ray.train.torch.prepare_model(
-        LossModel(model), parallel_strategy_kwargs={"broadcast_buffers": False})  # buffers are frozen features
+        LossModel(model), parallel_strategy_kwargs={"forward_sync_buffers": False})  # buffers: frozen features
     optimizer = torch.optim.Adam(trainer_model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
