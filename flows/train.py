@@ -79,6 +79,7 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--train-mode", choices=MODES, help=f"all: CE at every position of one pass per user; "
                                                         f"last: every prefix is an example (default: {d.train_mode})")
     p.add_argument("--patience", type=int, help=f"early stop after this many epochs without a gain (default: {d.patience})")
+    p.add_argument("--time-budget-s", type=float, help="stop after the epoch in which training time reaches this")
     p.add_argument("--monitor", help=f"validation metric for early stopping and the best checkpoint (default: {d.monitor})")
     p.add_argument("--ks", type=int, nargs="+", help=f"metric cut-offs (default: {' '.join(map(str, d.ks))})")
     p.add_argument("--mask-history", action="store_true", default=None, help="rank history items last at evaluation")

@@ -78,13 +78,18 @@ def test_resume_keeps_the_experiment_and_lets_limits_change():
         saved.resumed_with({"lr": 1e-2, "model_config": {"dropout": 0.3}})
 
 
-def test_progress_stops_after_patience_epochs_without_a_gain_and_can_be_given_more():
+def test_progress_stops_on_patience_epochs_or_time_and_a_resume_can_give_more():
     progress = Progress()
     for value in (0.1, 0.3, 0.2, 0.3):
-        progress.record({"epoch": progress.epoch + 1}, value, epochs=10, patience=2)
-    assert (progress.best_epoch, progress.finished, progress.stopped_early) == (2, True, True)
-    progress.update_stop(epochs=10, patience=5)  # a resumed run with more patience goes on
+        progress.record({"epoch": progress.epoch + 1, "val_ndcg@20": value, "train_s": 10.0},
+                        TrainConfig(epochs=10, patience=2))
+    assert (progress.best_epoch, progress.finished, progress.stop_reason) == (2, True, "patience")
+    progress.update_stop(TrainConfig(epochs=10, patience=5))  # a resumed run with more patience goes on
     assert not progress.finished
+    progress.update_stop(TrainConfig(epochs=10, patience=5, time_budget_s=40))
+    assert progress.stop_reason == "time budget"
+    progress.update_stop(TrainConfig(epochs=4))
+    assert progress.stop_reason == "epochs"
 
 
 def test_one_readable_line_per_epoch():

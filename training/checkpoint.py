@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from recmodels import ItemFeatures, SequentialRecommender, create_model
+from training.config import TrainConfig
 
 META, PROGRESS, MODEL, BEST_MODEL, OPTIMIZER = "meta.json", "progress.json", "model.pt", "best_model.pt", "optimizer.pt"
 
@@ -33,26 +34,38 @@ class Progress:
     best_epoch: int = 0
     best_value: float = -math.inf
     epochs_without_gain: int = 0
-    finished: bool = False  # early-stopped or out of epochs: what remains is the test evaluation
-    stopped_early: bool = False
+    stop_reason: str | None = None  # "epochs", "patience" (early stop), "time budget"; None: training goes on
     restored_at: list[int] = field(default_factory=list)  # epochs training was restored from (failures, --resume)
 
-    def record(self, metrics: dict[str, Any], monitored: float, epochs: int, patience: int) -> bool:
-        """Add an epoch's metrics; True when it is the best so far. Sets `finished` when training should stop."""
+    @property
+    def finished(self) -> bool:
+        """Training is over: what remains is the test evaluation."""
+        return self.stop_reason is not None
+
+    def record(self, metrics: dict[str, Any], settings: TrainConfig) -> bool:
+        """Add an epoch's metrics; True when its monitored metric is the best so far."""
         self.epoch += 1
+        monitored = metrics[settings.monitor_key]
         improved = monitored > self.best_value
         if improved:
             self.best_epoch, self.best_value, self.epochs_without_gain = self.epoch, monitored, 0
         else:
             self.epochs_without_gain += 1
         self.history.append(metrics)
-        self.update_stop(epochs, patience)
+        self.update_stop(settings)
         return improved
 
-    def update_stop(self, epochs: int, patience: int) -> None:
-        """Decide `finished` under these limits (a resumed run may have been given more epochs or patience)."""
-        self.stopped_early = self.epochs_without_gain >= patience and self.epoch < epochs
-        self.finished = self.stopped_early or self.epoch >= epochs
+    def update_stop(self, settings: TrainConfig) -> None:
+        """Decide whether training stops, under these limits (a resumed run may have been given more)."""
+        train_s = sum(m["train_s"] for m in self.history)  # all-reduced: the same on every worker
+        if self.epoch >= settings.epochs:
+            self.stop_reason = "epochs"
+        elif self.epochs_without_gain >= settings.patience:
+            self.stop_reason = "patience"
+        elif settings.time_budget_s is not None and train_s >= settings.time_budget_s:
+            self.stop_reason = "time budget"
+        else:
+            self.stop_reason = None
 
 
 def feature_dims(features: ItemFeatures | None) -> dict[str, int]:

@@ -22,7 +22,7 @@ DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 
 # What `--resume` may change; every other setting must equal the interrupted run's.
 CHANGEABLE_ON_RESUME = frozenset({
-    "db", "storage", "name", "resume", "epochs", "patience", "eval_batch_size", "num_workers",
+    "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
     "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "max_failures", "fail_at",
 })
 
@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 42
     train_mode: str = "all"  # "all": one causal pass per user, CE at every position; "last": every prefix
     patience: int = 10  # epochs without a gain in the monitored validation metric before stopping
+    time_budget_s: float | None = None  # stop after the epoch in which the training seconds reach this
     monitor: str = "ndcg@20"  # validation metric for early stopping and the best checkpoint
     ks: tuple[int, ...] = DEFAULT_KS  # cut-offs of HR/NDCG/MRR
     mask_history: bool = False  # False = RecBole convention: items already in the history still rank

@@ -9,7 +9,8 @@
 Each epoch every worker trains on its shard of "train" (DDP keeps the replicas identical), scores its
 share of "valid" against every item, and the sums are all-reduced, so all workers hold the same
 metrics; all of them call ray.train.report with those, rank 0 attaching the checkpoint. Training ends
-after `epochs` or `patience` epochs without a gain in the monitored metric; then the best weights
+after `epochs`, after `patience` epochs without a gain in the monitored metric, or once the training
+seconds reach `time_budget_s`; then the best weights
 are scored on "test" the same way, reported once more and returned.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def train_loop(config: dict) -> dict:
     features = None if config["features"] is None else ItemFeatures.from_numpy(ray.get(config["features"]))
     model = create_model(meta["model"], meta["model_config"], meta["n_items"], features)
     progress, best_weights, optimizer_state = restore(ray.train.get_checkpoint(), model, settings)
-    torch.manual_seed(settings.seed + 1_000_003 * rank + progress.epoch)  # dropout and sampling: per worker
+    torch.manual_seed(worker_seed(settings, rank, progress.epoch))  # dropout and sampling differ per worker
     trainer_model = ray.train.torch.prepare_model(
         LossModel(model), parallel_strategy_kwargs={"forward_sync_buffers": False})  # buffers: frozen features
     optimizer = torch.optim.Adam(trainer_model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -65,8 +66,8 @@ def train_loop(config: dict) -> dict:
     while not progress.finished:
         epoch = progress.epoch + 1
         failure = failure_injector(settings.fail_at, epoch, rank)
-        metrics = run_epoch(settings, model, trainer_model, optimizer, config["batch_size"], epoch, failure)
-        if progress.record(metrics, metrics[settings.monitor_key], settings.epochs, settings.patience):
+        metrics = run_epoch(settings, model, trainer_model, optimizer, config["batch_size"], epoch, rank, failure)
+        if progress.record(metrics, settings):
             best_weights = weights_copy(model)
         metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
         if rank == 0:  # not print(): Ray Train's patched print would show the line twice
@@ -76,7 +77,7 @@ def train_loop(config: dict) -> dict:
 
     model.load_state_dict(best_weights)
     final = {"epoch": progress.epoch, "best_epoch": progress.best_epoch, settings.monitor_key: progress.best_value,
-             "stopped_early": progress.stopped_early, **evaluate_split(model, "test", "test", settings)}
+             "stop_reason": progress.stop_reason, **evaluate_split(model, "test", "test", settings)}
     ray.train.report(final)  # for Ray Tune; the driver gets rank 0's return value (Result.return_value)
     return final
 
@@ -92,8 +93,12 @@ def restore(saved, model: SequentialRecommender, settings: TrainConfig) -> tuple
         best_weights = checkpoint.load_weights(directory, best=True)
         optimizer_state = checkpoint.load_optimizer_state(directory)
     progress.restored_at.append(progress.epoch)
-    progress.update_stop(settings.epochs, settings.patience)
+    progress.update_stop(settings)
     return progress, best_weights, optimizer_state
+
+
+def worker_seed(settings: TrainConfig, rank: int, epoch: int) -> int:
+    return settings.seed + 1_000_003 * rank + epoch
 
 
 def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +106,7 @@ def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model: nn.Module,
-              optimizer: torch.optim.Optimizer, batch_size: int, epoch: int,
+              optimizer: torch.optim.Optimizer, batch_size: int, epoch: int, rank: int,
               before_step: Callable[[int], None]) -> dict:
     """Train on this worker's shard, validate, and return the metrics of all workers together."""
     world = ray.train.get_context().get_world_size()
@@ -109,7 +114,7 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=batch_size, device=ray.train.torch.get_device(),
         local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-        local_shuffle_seed=settings.seed + 1_000_003 * ray.train.get_context().get_world_rank() + epoch)
+        local_shuffle_seed=worker_seed(settings, rank, epoch))
     train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step)
                             | {"seconds": time.perf_counter() - started}, ray.train.torch.get_device())
     trained = time.perf_counter()

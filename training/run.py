@@ -28,7 +28,7 @@ import pyarrow.fs
 
 from featurestore import store
 from featurestore.sequences import load_item_features
-from recmodels import MODELS, ItemFeatures, create_model
+from recmodels import MODELS, HM4SRConfig, ItemFeatures, create_model
 from training import checkpoint, records
 from training.config import TrainConfig
 from training.data import StoreSnapshot, data_config, example_datasets, snapshot_store
@@ -81,7 +81,7 @@ class RunResult:
     checkpoint: str  # the latest checkpoint: last weights, best weights, per-epoch metrics
     history: list[dict]
     best_epoch: int
-    stopped_early: bool
+    stop_reason: str
     test: dict[str, float]
     wall_time_s: float
     plot: str
@@ -92,10 +92,9 @@ class RunResult:
         best = self.history[self.best_epoch - 1]
         epoch_s = np.mean([m["epoch_s"] for m in self.history])
         per_worker = np.mean([m["sequences_per_s_per_worker"] for m in self.history])
-        stop = "early stop" if self.stopped_early else "all epochs"
         test = " ".join(f"{k[5:]} {v:.4f}" for k, v in self.test.items() if k[5:].split("@")[1] in ("10", "20"))
         return [
-            f"run {self.run_id}: {len(self.history)} epochs ({stop}), best epoch {self.best_epoch}, "
+            f"run {self.run_id}: {len(self.history)} epochs (stopped by {self.stop_reason}), best epoch {self.best_epoch}, "
             f"{self.wall_time_s:.0f} s wall, {epoch_s:.1f} s/epoch, {per_worker:,.0f} sequences/s per worker",
             "valid " + " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_")),
             f"test  {test}",
@@ -110,7 +109,7 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     settings, run_dir = resolve_settings(config)
     ensure_ray()
     db = store.connect(settings.db)
-    interval_scale = settings.model_config.get("interval_scale", 100.0)
+    interval_scale = settings.model_config.get("interval_scale", HM4SRConfig.interval_scale)  # HM4SR's intervals
     snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers, interval_scale)
     features, modalities = model_features(db, index, settings)
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
@@ -263,7 +262,7 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     wall = time.perf_counter() - started
     records.write_run(db, base | {
         "status": "finished", "finished_at": records.now(), "epochs": json.dumps(history),
-        "epochs_run": progress.epoch, "best_epoch": progress.best_epoch, "stopped_early": progress.stopped_early,
+        "epochs_run": progress.epoch, "best_epoch": progress.best_epoch, "stop_reason": progress.stop_reason,
         "restored_at": progress.restored_at, "best_value": progress.best_value, "test_metrics": json.dumps(test),
         "checkpoint": result.checkpoint.path, "plot": plot, "wall_time_s": wall,
         "train_time_s": sum(m["epoch_s"] for m in history),
@@ -272,5 +271,5 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
         "sequences_per_s_per_worker": float(np.mean([m["sequences_per_s_per_worker"] for m in history])),
     })
     return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
-                     best_epoch=progress.best_epoch, stopped_early=progress.stopped_early, test=test,
+                     best_epoch=progress.best_epoch, stop_reason=progress.stop_reason, test=test,
                      wall_time_s=wall, plot=plot, vectors_table=base["vectors_table"], vectors_indexed=indexed)
