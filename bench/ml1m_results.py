@@ -86,7 +86,9 @@ def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
         "# MovieLens-1M: SASRec, FAME, HM4SR through the training flow",
         "",
         f"Made by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU.",
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU; load average when "
+        f"this table was written (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        "(other work shared the cores: timings are upper bounds).",
         "",
         f"Leave-one-out, full ranking over all items (history not masked), L = {args.max_len}, "
         f"d = {args.hidden_size}, dropout {args.dropout}, train_mode all, Adam lr {args.lr}, batch {args.batch_size}, "

@@ -110,6 +110,28 @@ def test_flow_arguments_become_settings_and_a_model_config():
     assert flow["parse_args"]([]) == {}  # unset flags stay unset: defaults, or a resumed run's settings
 
 
+# ---------------------------------------------------------------- item vectors (LanceDB, no Ray)
+
+
+def test_item_vectors_replace_a_runs_rows_get_an_index_and_refuse_another_width(tmp_path, monkeypatch):
+    db = store.connect(str(tmp_path / "db"))
+    rng = np.random.default_rng(0)
+    ids = [f"item{i}" for i in range(1000)]
+    first, second = rng.normal(size=(1000, 32)), rng.normal(size=(1000, 32))
+    assert records.write_item_vectors(db, "item_vectors", "run-a", ids, first) is False  # small: exact search
+    records.write_item_vectors(db, "item_vectors", "run-b", ids, first)
+    monkeypatch.setattr(records, "INDEX_MIN_ROWS", 1500)
+    assert records.write_item_vectors(db, "item_vectors", "run-a", ids, second) is True  # run-a replaced
+    table = db.open_table("item_vectors")
+    assert table.count_rows() == 2000 and table.count_rows("run_id = 'run-a'") == 1000
+    assert {column for index in table.list_indices() for column in index.columns} == {"vector", "run_id"}
+    hits = table.search(second[7].astype(np.float32)).where("run_id = 'run-a'", prefilter=True).limit(5).to_pandas()
+    assert set(hits["run_id"]) == {"run-a"} and "item7" in set(hits["item_id"])
+    assert records.vectors_table_for(db, 32) == "item_vectors" and records.vectors_table_for(db, 64) == "item_vectors_64"
+    with pytest.raises(store.StoreError, match="holds 32-d vectors; this model's item representations are 64-d"):
+        records.check_vectors_table(db, "item_vectors", 64)
+
+
 # ---------------------------------------------------------------- a MovieLens-100k store
 
 

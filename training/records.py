@@ -134,7 +134,7 @@ def ensure_vector_index(table) -> bool:
         table.optimize()  # folds the new rows into the existing indices
     else:
         table.create_index("vector", config=lancedb.index.IvfPq(distance_type=VECTOR_METRIC))
-        table.create_scalar_index("run_id")
+        table.create_index("run_id", config=lancedb.index.BTree())
     return True
 
 
