@@ -145,11 +145,14 @@ def learning_curves_png(history: list[dict], monitor_key: str, title: str) -> by
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [m["epoch"] for m in history]
     figure, (losses, metrics) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in [n for n in history[0] if n == "loss" or n.startswith("loss_")]:
+    parts = [n for n in history[0] if n.startswith("loss_")]
+    for name in ["loss"] + (parts if len(parts) > 1 else []):  # one part is the total itself
         losses.plot(epochs, [m[name] for m in history], marker=".", label=name)
-    losses.set(xlabel="epoch", ylabel="training loss (mean per sequence)", yscale="log")
+    losses.set(xlabel="epoch", ylabel="training loss (mean per sequence)")
     for name in dict.fromkeys(["val_hr@10", "val_ndcg@10", monitor_key]):
         if name in history[0]:
             metrics.plot(epochs, [m[name] for m in history], marker=".", label=name)
@@ -157,6 +160,7 @@ def learning_curves_png(history: list[dict], monitor_key: str, title: str) -> by
     metrics.axvline(best["epoch"], color="grey", linestyle=":", label=f"best epoch {best['epoch']}")
     metrics.set(xlabel="epoch", ylabel="validation (full ranking)")
     for axes in (losses, metrics):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
     figure.suptitle(title)
