@@ -4,11 +4,13 @@
     python bench/ml1m_results.py --models sasrec --epochs 2          # a quick look
     python bench/ml1m_results.py --time-budget-s 1800                # training seconds per model
 
-Protocol: leave-one-out, full ranking over all 3,706 items (history not masked), L = 200, d = 64,
+Protocol: leave-one-out, full ranking over all 3,883 catalog items (3,706 of them rated; history not
+masked), L = 200, d = 64,
 train_mode "all" (cross-entropy at every position), Adam, early stopping on validation NDCG@20;
-test metrics of the best validation epoch. The store is built on first use: items encoded with
-the MiniLM text encoder (titles, genres, year), ML-1M ratings as interactions. Results go to a
+test metrics of the best validation epoch. Items carry MiniLM text features (the encoding flow's
+default text template), interactions are the ML-1M ratings. Results go to a
 markdown table, rewritten after every model so a cut-short run keeps what it finished.
+The training flow builds the store on first use (`dataset` ml-1m).
 """
 from __future__ import annotations
 
@@ -45,25 +47,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def ensure_store(db_uri: str):
-    """The ML-1M store: items (MiniLM text features), interactions and sequences, built if missing."""
-    from featurestore import store
-    from featurestore.encode import encode_catalog
-    from featurestore.interactions import import_interactions
-    from featurestore.sequences import build_sequences
-
-    db = store.connect(db_uri)
-    if store.ITEMS not in store.table_names(db):
-        print("\n".join(encode_catalog("ml-1m", db_uri=db_uri).lines()), flush=True)
-    if "sequences" not in store.table_names(db):
-        print(import_interactions(db, "ml-1m"), flush=True)
-        print(build_sequences(db), flush=True)
-    return db
-
-
 def settings_for(model: str, args, stamp: str) -> dict:
     return {
-        "model": model, "db": args.db, "storage": args.storage, "name": f"ml1m-{model}-{stamp}",
+        "model": model, "dataset": "ml-1m", "db": args.db, "storage": args.storage, "name": f"ml1m-{model}-{stamp}",
         "epochs": args.epochs, "time_budget_s": args.time_budget_s, "patience": args.patience,
         "max_len": args.max_len, "batch_size": args.batch_size, "lr": args.lr, "train_mode": "all",
         "num_workers": args.num_workers, "vectors_table": f"item_vectors_ml1m_{model}",
@@ -113,7 +99,6 @@ def main(argv=None) -> int:
     ray.init()
     from training import run_training
 
-    ensure_store(args.db)
     command = "python bench/ml1m_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []

@@ -1,12 +1,12 @@
 """Train a sequential recommender on the LanceDB feature store with Ray Train (DDP over --num-workers).
 
-    python flows/train.py --model sasrec --db ./lancedb --max-len 200 --epochs 200
+    python flows/train.py --model sasrec --dataset ml-1m --db /data/ml1m --max-len 200 --epochs 200
     python flows/train.py --model hm4sr --num-workers 2 --hidden-size 64 --cp-weight 0.5 --name hm4sr-a
     python flows/train.py --resume --name hm4sr-a            # continue an interrupted run
     ray job submit --working-dir . -- python flows/train.py --model fame --storage s3://bucket/runs
 
 Needs the tables `items` (flows/encode_items.py), `interactions` and `sequences`
-(flows/import_interactions.py). Writes checkpoints and learning curves under --storage/--name, the run
+(flows/import_interactions.py); with --dataset ml-1m or ml-100k an empty store is built first. Writes checkpoints and learning curves under --storage/--name, the run
 record to the table `runs` and the trained item vectors to --vectors-table. Model hyper-parameters left
 unset take the model's defaults (shown per model); with --resume, settings left unset keep the run's.
 """
@@ -66,6 +66,8 @@ def parse_args(argv=None) -> dict:
     d = DEFAULTS
     p.add_argument("--model", choices=sorted(MODELS), help=f"default: {d.model}")
     p.add_argument("--db", help=f"LanceDB URI (default: {d.db})")
+    p.add_argument("--dataset", help="the interaction source the store must hold; a built-in one (ml-1m, ml-100k) "
+                                     "is built into a store without interactions")
     p.add_argument("--storage", help=f"checkpoints and results: a directory or URI (default: {d.storage})")
     p.add_argument("--name", help="run name and id (default: <model>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", default=None, help="continue run --name from its last checkpoint")

@@ -17,11 +17,12 @@ import torch
 
 from featurestore import movielens, store
 from featurestore.encode import items_schema
-from featurestore.interactions import INTERACTIONS_SCHEMA, import_interactions
-from featurestore.sequences import build_sequences, make_examples, read_sequences
+from featurestore.interactions import INTERACTIONS_SCHEMA
+from featurestore.sequences import make_examples, read_sequences
 from recmodels import create_model
 from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
+from training.data import ensure_dataset
 from training.evaluate import numpy_batches, prefixed_means, ranking_sums
 from training.loop import epoch_line
 from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
@@ -152,8 +153,7 @@ def write_items(db, text_dim: int) -> None:
 def ml100k(ray_local, tmp_path_factory):
     db = store.connect(str(tmp_path_factory.mktemp("ml100k") / "db"))
     write_items(db, TEXT_DIM)
-    import_interactions(db, "ml-100k")
-    build_sequences(db)
+    ensure_dataset(db, "ml-100k")  # the items are there: imports the interactions, builds the sequences
     return db
 
 
@@ -199,6 +199,12 @@ def test_an_empty_interactions_table_is_refused(ml100k, tmp_path, no_workers):
     db.create_table(store.INTERACTIONS, schema=INTERACTIONS_SCHEMA)
     with pytest.raises(store.StoreError, match="table 'interactions' .* is empty: run flows/import_interactions.py"):
         run_training({"db": db.uri, "storage": str(tmp_path / "runs")})
+
+
+@pytest.mark.slow
+def test_a_store_of_another_data_set_is_refused(ml100k, tmp_path, no_workers):
+    with pytest.raises(store.StoreError, match=r"--dataset 'ml-1m': the store .* holds \['ml-100k'\]"):
+        run_training({"dataset": "ml-1m", "db": ml100k.uri, "storage": str(tmp_path)})
 
 
 @pytest.mark.slow

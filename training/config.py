@@ -32,6 +32,7 @@ class TrainConfig:
     model: str = "sasrec"
     model_config: dict[str, Any] = field(default_factory=dict)  # hidden_size, n_layers, dropout, ...
     db: str = store.DEFAULT_DB  # LanceDB URI with items, interactions, sequences
+    dataset: str | None = None  # the interaction source the store must hold; ml-1m/ml-100k: built if absent
     storage: str = DEFAULT_STORAGE  # results and checkpoints: a directory or a URI (s3://, gs://)
     name: str | None = None  # run name = run id; None -> "<model>-<timestamp>"
     resume: bool = False  # continue the run `name` from its last checkpoint

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
-from featurestore import store
-from featurestore.sequences import SEQUENCES, ItemIndex, make_examples, max_interval_index, split_counts
+from featurestore import movielens, store
+from featurestore.interactions import import_interactions
+from featurestore.sequences import (SEQUENCES, ItemIndex, build_sequences, make_examples, max_interval_index,
+                                    split_counts)
 from training.resources import DATA_TASK_CPUS
 
 # The flow that writes each table, for the error message when it is missing or empty.
@@ -51,6 +53,33 @@ def open_required(db, name: str):
         return store.open_table(db, name)
     except store.StoreError as e:
         raise store.StoreError(f"{e}: run {WRITTEN_BY[name]} first") from None
+
+
+def interaction_sources(db) -> set[str]:
+    """The sources (built-in names or file paths) the interactions table holds."""
+    table = store.open_table(db, store.INTERACTIONS, required=False)
+    if table is None:
+        return set()
+    return set(table.to_lance().to_table(columns=["source"]).column("source").unique().to_pylist())
+
+
+def ensure_dataset(db, dataset: str) -> None:
+    """The store must hold `dataset`'s interactions and no other source's. A built-in data set
+    (ml-1m, ml-100k) is built into a store without interactions: items encoded (if absent),
+    interactions imported, sequences built. A store is never changed once it holds interactions."""
+    sources = interaction_sources(db)
+    if not sources and dataset in movielens.SOURCES:
+        from featurestore.encode import encode_catalog
+
+        if store.ITEMS not in store.table_names(db):
+            print("\n".join(encode_catalog(dataset, db_uri=str(db.uri)).lines()), flush=True)
+        print(import_interactions(db, dataset), flush=True)
+        print(build_sequences(db), flush=True)
+    elif sources != {dataset}:
+        held = sorted(sources) or "no interactions"
+        raise store.StoreError(f"--dataset {dataset!r}: the store {db.uri} holds {held}; give each data set "
+                               f"its own --db (built-in data sets are built into an empty one: "
+                               f"{sorted(movielens.SOURCES)})")
 
 
 def snapshot_store(db, max_len: int, train_mode: str, num_workers: int,

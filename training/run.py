@@ -31,7 +31,7 @@ from featurestore.sequences import load_item_features
 from recmodels import MODELS, HM4SRConfig, ItemFeatures, create_model
 from training import checkpoint, records
 from training.config import TrainConfig
-from training.data import StoreSnapshot, data_config, example_datasets, snapshot_store
+from training.data import StoreSnapshot, data_config, ensure_dataset, example_datasets, snapshot_store
 from training.resources import WorkerPlan, plan_for_cluster
 
 SETTINGS_FILE = "train_config.json"
@@ -109,6 +109,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     settings, run_dir = resolve_settings(config)
     ensure_ray()
     db = store.connect(settings.db)
+    if settings.dataset:
+        ensure_dataset(db, settings.dataset)
     interval_scale = settings.model_config.get("interval_scale", HM4SRConfig.interval_scale)  # HM4SR's intervals
     snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers, interval_scale)
     features, modalities = model_features(db, index, settings)
