@@ -41,7 +41,14 @@ class StoreSnapshot:
     users: int
     n_items: int
     counts: dict[str, int]  # featurestore.sequences.split_counts at max_len
-    max_interval_index: int  # HM4SR's interval table size on the training histories (interval scale 100)
+    max_interval_index: int  # HM4SR's interval table size on the training histories
+
+    def check_unchanged(self, db, name: str) -> None:
+        """Tables read through LanceDB's latest version (items: index, features) must still be the pinned one."""
+        now = store.open_table(db, name).version
+        if now != self.versions[name]:
+            raise store.StoreError(f"table {name!r} changed while the run read it (version {self.versions[name]} "
+                                   f"-> {now}): start the run again once the writer is done")
 
     def train_examples(self, mode: str) -> int:
         return self.counts[f"train_examples_{mode}"]

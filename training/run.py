@@ -114,6 +114,7 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     interval_scale = settings.model_config.get("interval_scale", HM4SRConfig.interval_scale)  # HM4SR's intervals
     snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers, interval_scale)
     features, modalities = model_features(db, index, settings)
+    snapshot.check_unchanged(db, store.ITEMS)
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
     if settings.resume:
         check_resumable(run_dir, meta, features, snapshot.n_items)
