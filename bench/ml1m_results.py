@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--attempts", type=int, default=4, help="runs resumed after the Ray cluster died, per model")
     return p.parse_args(argv)
 
 
@@ -58,12 +60,36 @@ def settings_for(model: str, args, stamp: str) -> dict:
     }
 
 
-def table_row(model: str, result) -> str:
+def train_resuming(settings: dict, attempts: int):
+    """run_training; when the Ray cluster dies under it (on a shared machine another user's `ray stop`
+    takes every local cluster down), start Ray again and resume the run from its last checkpoint."""
+    import ray
+
+    from featurestore.store import StoreError
+    from training import run_training
+    from training.run import SETTINGS_FILE
+
+    for attempt in range(1, attempts + 1):
+        started = (Path(settings["storage"]) / settings["name"] / SETTINGS_FILE).exists()
+        try:
+            return run_training({**settings, "resume": True} if started else settings)
+        except (ValueError, StoreError):
+            raise  # a bad setting or store: another attempt cannot help
+        except Exception as error:  # noqa: BLE001 - the cluster or a worker died
+            if attempt == attempts:
+                raise
+            print(f"attempt {attempt} of {settings['name']} failed ({type(error).__name__}); "
+                  f"restarting Ray and resuming", flush=True)
+            ray.shutdown()
+            ray.init()
+
+
+def table_row(model: str, result, wall_s: float) -> str:
     epoch_s = sum(m["epoch_s"] for m in result.history) / len(result.history)
     per_worker = sum(m["sequences_per_s_per_worker"] for m in result.history) / len(result.history)
     metrics = " | ".join(f"{result.test['test_' + name]:.4f}" for name in COLUMNS)
     return (f"| {model} | {metrics} | {result.best_epoch} / {len(result.history)} ({result.stop_reason}) | "
-            f"{result.wall_time_s / 60:.1f} | {epoch_s:.1f} | {per_worker:,.0f} |")
+            f"{wall_s / 60:.1f} | {epoch_s:.1f} | {per_worker:,.0f} |")
 
 
 def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
@@ -82,7 +108,7 @@ def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
         f"Epoch limit {args.epochs}, patience {args.patience}"
         + (f", training time budget {args.time_budget_s:.0f} s per model." if args.time_budget_s else "."),
         "",
-        header + " | best / run epochs (stop) | wall min | s / epoch | sequences/s per worker |",
+        header + " | best / run epochs (stop) | wall min (all attempts) | s / epoch | sequences/s per worker |",
         "|" + "---|" * (len(COLUMNS) + 5),
         *rows,
         "",
@@ -97,15 +123,14 @@ def main(argv=None) -> int:
     import ray
 
     ray.init()
-    from training import run_training
-
     command = "python bench/ml1m_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []
     for model in args.models:
-        result = run_training(settings_for(model, args, stamp))
+        started = time.perf_counter()
+        result = train_resuming(settings_for(model, args, stamp), args.attempts)
         print("\n".join(result.lines()), flush=True)
-        rows.append(table_row(model, result))
+        rows.append(table_row(model, result, time.perf_counter() - started))
         write_markdown(args.out, command, args, rows)
     return 0
 
