@@ -289,6 +289,7 @@ def test_an_interrupted_run_resumes_and_survives_a_killed_worker(ml100k, tmp_pat
     with pytest.raises(TrainingFailedError):
         run_training({"model": "hm4sr", "db": ml100k.uri, "storage": runs, "name": "hm4sr-cut",
                       "model_config": TINY, **FAST, "epochs": 3, "max_failures": 0,
+                      "max_len": 20, "batch_size": 256,  # 4 steps per worker and epoch: fits are the cost here
                       "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(tmp_path / "crashed")}})
     assert records.read_runs(ml100k).set_index("run_id").loc["hm4sr-cut"].status == "failed"
 

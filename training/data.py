@@ -56,10 +56,10 @@ class StoreSnapshot:
 
 def open_required(db, name: str):
     """The table, or a StoreError naming the flow that creates it."""
-    try:
-        return store.open_table(db, name)
-    except store.StoreError as e:
-        raise store.StoreError(f"{e}: run {WRITTEN_BY[name]} first") from None
+    table = store.open_table(db, name, required=False)
+    if table is None:
+        raise store.StoreError(f"table {name!r} does not exist in {db.uri}: run {WRITTEN_BY[name]} first")
+    return table
 
 
 def interaction_sources(db) -> set[str]:
