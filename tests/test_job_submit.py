@@ -1,8 +1,12 @@
 """`ray job submit --working-dir .` of the encoding flow against a `ray start --head` cluster on 127.0.0.1."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,22 +22,52 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_for_dashboard(address: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # answering, if only to ask for the auth token
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout_s}s")
+
+
 @pytest.fixture
-def head_node(tmp_path):
+def head_node():
+    """A head node of its own, in its own process group: stopping it touches no other Ray on the machine
+    (`ray stop` would also kill the test session's Ray, and anybody else's)."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
+    # Every port of its own: the agents' defaults would collide with the test session's Ray (or any other),
+    # and then the job agent never comes up.
+    agent_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = Path("/tmp") / f"ray_job_test_{os.getpid()}"  # short: Ray's socket paths have a length limit
-    start = [str(bin_dir / "ray"), "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
              f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+             "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports]
+    process = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield env, f"http://127.0.0.1:{dashboard_port}"
+        wait_for_dashboard(address, process)
+        yield env, address
     finally:
-        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", str(temp_dir)], check=False)  # stragglers of this cluster only
 
 
 def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_path):
@@ -42,8 +76,12 @@ def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_pa
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
               "--", "python", "flows/encode_items.py", "--catalog", str(sample_catalog), "--db", str(db),
               "--table", "photos", "--batch-size", "8"]
-    result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    for _ in range(30):  # the job agent comes up a little after the dashboard answers
+        result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        if "No available agent" not in output:
+            break
+        time.sleep(2)
     assert result.returncode == 0, output[-3000:]
     assert "succeeded" in output
     n = len(sample_catalog.read_text().splitlines())
