@@ -117,22 +117,29 @@ class FAME(SASRec):
             return self.item_embedding.weight
         return self.facet_projection(self.item_embedding.weight)
 
+    def _log_gate(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., H*d') facets -> (..., H) log mixture weights of the heads."""
+        if self.facet_gate is None:
+            return states.new_zeros(states.shape[:-1] + (1,))
+        return F.log_softmax(self.facet_gate(states), dim=-1)
+
+    def query_vectors(self, states: torch.Tensor) -> torch.Tensor | None:
+        """Mixture of logits: sum_h g_h F^h . e^h == (g * F) flattened . e flattened, a dot product."""
+        if self.config.mixture != "logits":
+            return None
+        facets = states.unflatten(-1, (self.config.n_heads, -1))  # (..., H, d')
+        return (facets * self._log_gate(states).exp().unsqueeze(-1)).flatten(-2)
+
     def logits(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """states (..., H*d') facets -> (..., N+1) scores (log-probabilities for mixture="softmax")."""
+        if self.config.mixture == "logits":
+            return super().logits(states, candidates)
         heads = self.config.n_heads
         facets = states.unflatten(-1, (heads, -1))  # (..., H, d')
-        if self.facet_gate is None:
-            log_gate = states.new_zeros(states.shape[:-1] + (1,))
-        else:
-            log_gate = F.log_softmax(self.facet_gate(states), dim=-1)  # (..., H)
-        if self.config.mixture == "logits":
-            # sum_h g_h F^h . e^h == (g * F) flattened . e flattened
-            weighted = (facets * log_gate.exp().unsqueeze(-1)).flatten(-2)
-            return super().logits(weighted, candidates)
         # Mixture of softmaxes over the real items only (a padding column at -inf in every head
         # would give logsumexp a NaN gradient); the padding column is prepended afterwards.
         per_head = torch.einsum("...hk,vhk->...hv", facets, candidates[1:].unflatten(-1, (heads, -1)))
-        log_probs = torch.logsumexp(log_gate.unsqueeze(-1) + F.log_softmax(per_head, dim=-1), dim=-2)
+        log_probs = torch.logsumexp(self._log_gate(states).unsqueeze(-1) + F.log_softmax(per_head, dim=-1), dim=-2)
         return F.pad(log_probs, (1, 0), value=float("-inf"))  # (..., N+1)
 
     def logit_elements_per_row(self) -> int:

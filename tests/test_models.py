@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from recmodels import MODELS, FAMEConfig, HM4SRConfig, ItemFeatures, SASRecConfig, create_model
 from recmodels import base
-from recmodels.base import chunked_cross_entropy, info_nce
+from recmodels.base import (attend, attention_mask, chunked_cross_entropy, dot_product_cross_entropy, dropout, info_nce,
+                            drop_mask, mask_padding_column, trim_padding)
 from recmodels.hm4sr import interval_index, n_intervals_for, sample_placeholder_positions
 from recmodels.metrics import finalize, full_ranking_metrics
 
@@ -249,6 +250,23 @@ def test_left_and_right_padding_change_no_score(variant):
             torch.testing.assert_close(model.score_all(padded), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trimmed_padding_changes_no_score_nor_loss(variant):
+    model = build(variant).eval()
+    batch = make_batch(length=8)
+    padded = shift_padding(batch, 2, 3)
+    padded["target_seq"] = F.pad(batch["target_seq"], (2, 3))
+    trimmed = trim_padding(padded)
+    assert trimmed["item_seq"].shape[1] == int(batch["seq_len"].max())
+    assert trimmed["target_seq"].shape == trimmed["item_seq"].shape and trimmed["target"] is padded["target"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_all(trimmed), model.score_all(padded), rtol=1e-5, atol=1e-5)
+        torch.manual_seed(0)
+        padded_ce = model.loss(padded)[1]["ce"]  # HM4SR's placeholder draws depend on the width
+        torch.manual_seed(0)
+        torch.testing.assert_close(model.loss(trimmed)[1]["ce"], padded_ce, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["sasrec", "fame", "hm4sr"])
 def test_each_model_overfits_64_sequences(variant):
     torch.set_num_threads(2)
@@ -326,7 +344,72 @@ def test_chunked_cross_entropy_matches_the_plain_one():
     torch.testing.assert_close(chunked_grad, plain_grad)
 
 
-@pytest.mark.parametrize("variant", ["fame-mos-slice", "hm4sr"])
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_cpu_dropout_keeps_the_right_share_and_preserves_the_mean(rate):
+    torch.manual_seed(0)
+    dropped, keep = drop_mask(torch.Size([1000, 1000]), rate, torch.device("cpu"))
+    assert abs(keep - (1 - rate)) < 1e-4
+    assert abs(dropped.float().mean().item() - (1 - keep)) < 3e-3  # ~3 standard deviations at 1e6 draws
+    x = torch.rand(1000, 1000) + 1.0
+    dropped = dropout(x, rate, training=True)
+    assert ((dropped == 0) == ~(dropped > 0)).all() and abs(dropped.mean() / x.mean() - 1) < 5e-3
+    assert dropout(x, rate, training=False) is x
+
+
+def test_attention_with_cpu_dropout_is_sdpa_when_nothing_is_dropped():
+    """The written-out CPU path (taken whenever the rate is not 0) computes what SDPA computes."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(3, 2, 7, 4) for _ in range(3))
+    mask = attention_mask(torch.arange(7) < torch.tensor([7, 4, 1])[:, None])
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(attend(query, key, value, mask, dropout=1e-9), reference)
+    dropped = attend(query, key, value, mask, dropout=0.5)
+    assert not torch.allclose(dropped, reference) and torch.isfinite(dropped).all()
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 5, 100])
+def test_dot_product_cross_entropy_matches_autograd(rows_per_chunk):
+    torch.manual_seed(0)
+    queries = torch.randn(23, 8, requires_grad=True)
+    table = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(1, 40, (23,))
+    plain = F.cross_entropy(mask_padding_column(queries @ table.T), targets)
+    plain_grads = torch.autograd.grad(3.0 * plain, (queries, table))  # a non-unit upstream gradient
+    fused = dot_product_cross_entropy(queries, table, targets, rows_per_chunk)
+    fused_grads = torch.autograd.grad(3.0 * fused, (queries, table))
+    torch.testing.assert_close(fused, plain)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused_grad, plain_grad)
+    assert fused_grads[1][0].abs().sum() == 0  # the padding item is never a candidate
+    with torch.no_grad():
+        torch.testing.assert_close(dot_product_cross_entropy(queries, table, targets, rows_per_chunk), plain)
+
+
+@pytest.mark.parametrize("variant", ["sasrec", "fame", "hm4sr"])
+def test_fused_loss_matches_the_plain_loss_in_a_model(variant, monkeypatch):
+    """The models whose logits are dot products train through dot_product_cross_entropy; it must
+    give the loss and every gradient that cross-entropy over `logits` gives."""
+    model = build(variant).train()
+    batch = make_batch()
+
+    def loss_and_grads():
+        torch.manual_seed(0)  # the same dropout masks and placeholder draw
+        model.zero_grad()
+        total, _ = model.loss(batch)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fused, fused_grads = loss_and_grads()
+    monkeypatch.setattr(base, "dot_product_cross_entropy",
+                        lambda queries, candidates, targets: F.cross_entropy(
+                            mask_padding_column(queries @ candidates.T), targets))
+    plain, plain_grads = loss_and_grads()
+    torch.testing.assert_close(fused, plain)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["fame-mos-slice", "fame-H1-mos"])
 def test_chunked_loss_matches_unchunked_loss_in_a_model(variant, monkeypatch):
     model = build(variant).train()
     batch = make_batch()
