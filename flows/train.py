@@ -73,6 +73,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--resume", action="store_true", default=None, help="continue run --name from its last checkpoint")
     p.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
     p.add_argument("--batch-size", type=int, help=f"global, split across the workers (default: {d.batch_size})")
+    p.add_argument("--sort-window", type=int,
+                   help=f"batches of shuffled training rows sorted by history length together, so each batch "
+                        f"is cut to its longest history; 1: batches as shuffled (default: {d.sort_window})")
     p.add_argument("--eval-batch-size", type=int, help=f"per worker (default: {d.eval_batch_size})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"default: {d.weight_decay}")

@@ -24,7 +24,7 @@ from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
 from training.data import ensure_dataset
 from training.evaluate import numpy_batches, prefixed_means, ranking_sums
-from training.loop import epoch_line
+from training.loop import epoch_line, length_sorted_batches
 from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,24 @@ def test_progress_stops_on_patience_epochs_or_time_and_a_resume_can_give_more():
     assert progress.stop_reason == "time budget"
     progress.update_stop(TrainConfig(epochs=4))
     assert progress.stop_reason == "epochs"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_length_sorted_batches_keep_every_row_once_and_cut_each_batch_to_its_longest_history(shuffle):
+    examples = make_examples({"item_idx": [list(range(1, n + 1)) for n in range(4, 41)],
+                              "timestamps": [list(range(n)) for n in range(4, 41)], "first_timestamp": [0] * 37},
+                             "train", max_len=30, mode="all")
+    windows = numpy_batches(examples, 16)  # 37 rows: windows of 16, 16 and 5
+    batches = list(length_sorted_batches(windows, 5, shuffle=shuffle))
+    assert sorted(len(b["target"]) for b in batches) == [1, 1] + [5] * 7
+    seen = torch.cat([b["target"] for b in batches])
+    assert sorted(seen.tolist()) == sorted(examples["target"].tolist())
+    for batch in batches:
+        lengths = (batch["item_seq"] > 0).sum(dim=1)
+        assert batch["item_seq"].shape[1] == batch["target_seq"].shape[1] == int(lengths.max())
+        assert torch.equal(lengths, batch["seq_len"])  # rows are whole: the cut columns were padding
+    if not shuffle:  # the first window's four batches rise in length
+        assert all(batches[i]["seq_len"].max() <= batches[i + 1]["seq_len"].min() for i in range(3))
 
 
 def test_one_readable_line_per_epoch():

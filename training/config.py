@@ -38,6 +38,7 @@ class TrainConfig:
     resume: bool = False  # continue the run `name` from its last checkpoint
     epochs: int = 200
     batch_size: int = 256  # global: each worker takes batch_size / num_workers
+    sort_window: int = 8  # training rows are sorted by history length within windows of this many batches
     eval_batch_size: int = 256  # per worker; memory is eval_batch_size x n_items scores
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -70,7 +71,7 @@ class TrainConfig:
             found.append(f"unknown model {self.model!r}; valid models: {sorted(MODELS)}")
         if self.train_mode not in MODES:
             found.append(f"train_mode must be one of {MODES}, got {self.train_mode!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "patience", "num_workers"):
+        for name in ("epochs", "batch_size", "sort_window", "eval_batch_size", "max_len", "patience", "num_workers"):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < self.num_workers:

@@ -29,12 +29,14 @@ import torch
 from torch import nn
 
 from recmodels import ItemFeatures, SequentialRecommender, create_model
+from recmodels.base import trim_padding
 from training import checkpoint
 from training.checkpoint import Progress
 from training.config import TrainConfig
 from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
+EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
 
 
 class LossModel(nn.Module):
@@ -111,10 +113,11 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
     """Train on this worker's shard, validate, and return the metrics of all workers together."""
     world = ray.train.get_context().get_world_size()
     started = time.perf_counter()
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=batch_size, device=ray.train.torch.get_device(),
-        local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+    windows = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=settings.sort_window * batch_size, device=ray.train.torch.get_device(),
+        local_shuffle_buffer_size=max(SHUFFLE_BUFFER_BATCHES, settings.sort_window) * batch_size,
         local_shuffle_seed=worker_seed(settings, rank, epoch))
+    batches = length_sorted_batches(windows, batch_size, shuffle=True)
     train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step)
                             | {"seconds": time.perf_counter() - started}, ray.train.torch.get_device())
     trained = time.perf_counter()
@@ -152,11 +155,27 @@ def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
     return {name: float(value) for name, value in sums.items()} | {"rows": rows}
 
 
+def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size: int,
+                          shuffle: bool) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of `batch_size` rows of similar history length, each cut to its longest history.
+
+    Attention costs L^2 and ML-1M's histories at L = 200 are half padding: sorting the rows of a window
+    (several batches of shuffled rows) by length and trimming each batch's padding made an epoch about
+    1.8x faster. `shuffle`: a window's batches come in random order, so lengths do not rise within it.
+    """
+    for window in windows:
+        order = torch.argsort((window["item_seq"] > 0).sum(dim=1), stable=True)
+        chunks = order.split(batch_size)
+        for chunk in (chunks[i] for i in torch.randperm(len(chunks)).tolist()) if shuffle else chunks:
+            yield trim_padding({name: value[chunk] for name, value in window.items()})
+
+
 def evaluate_split(model: SequentialRecommender, split: str, prefix: str, settings: TrainConfig) -> dict[str, float]:
     """Full-ranking metrics of `split` over all workers' shares, keys "<prefix>_<metric>"."""
     device = ray.train.torch.get_device()
-    batches = ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=settings.eval_batch_size,
-                                                                     device=device)
+    windows = ray.train.get_dataset_shard(split).iter_torch_batches(
+        batch_size=EVAL_SORT_WINDOW * settings.eval_batch_size, device=device)
+    batches = length_sorted_batches(windows, settings.eval_batch_size, shuffle=False)
     sums = ranking_sums(model, batches, settings.ks, settings.mask_history)
     return prefixed_means(all_reduce_sums(sums, device), prefix)
 
