@@ -371,8 +371,6 @@ def ensure_indexes(table, min_rows: int) -> list[str]:
     """An ANN index on each vector column once the table is big enough; later runs fold new rows into it."""
     if table is None or table.count_rows() < min_rows:
         return []
-    import lancedb
-
     indexed = {col for index in table.list_indices() for col in index.columns}
     done = []
     for column in ("text_emb", "image_emb"):
@@ -381,7 +379,7 @@ def ensure_indexes(table, min_rows: int) -> list[str]:
         if column in indexed:
             table.optimize()
         else:
-            table.create_index(column, config=lancedb.index.IvfPq(distance_type="cosine"))
+            table.create_index(column, config=store.vector_index("cosine"))
         done.append(column)
     return done
 

@@ -37,7 +37,7 @@ def _search(table, vector: np.ndarray, column: str, k: int, exclude: str | None)
     query = table.search(vector, vector_column_name=column).distance_type("cosine").select([*SHOWN_COLUMNS, "_distance"])
     if exclude is not None:
         query = query.where(f"item_id != {_sql_list([exclude])}", prefilter=True)
-    result = query.limit(k).to_pandas()
+    result = store.nearest(query, k).to_pandas()
     return result.assign(similarity=1.0 - result.pop("_distance"))
 
 

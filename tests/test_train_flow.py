@@ -144,7 +144,7 @@ def test_item_vectors_replace_a_runs_rows_get_an_index_and_refuse_another_width(
     table = db.open_table("item_vectors")
     assert table.count_rows() == 2000 and table.count_rows("run_id = 'run-a'") == 1000
     assert {column for index in table.list_indices() for column in index.columns} == {"vector", "run_id"}
-    hits = table.search(second[7].astype(np.float32)).where("run_id = 'run-a'", prefilter=True).limit(5).to_pandas()
+    hits = store.nearest(table.search(second[7].astype(np.float32)).where("run_id = 'run-a'", prefilter=True), 5).to_pandas()
     assert set(hits["run_id"]) == {"run-a"} and "item7" in set(hits["item_id"])
     assert records.vectors_table_for(db, 32) == "item_vectors" and records.vectors_table_for(db, 64) == "item_vectors_64"
     with pytest.raises(store.StoreError, match="holds 32-d vectors; this model's item representations are 64-d"):

@@ -123,8 +123,8 @@ def write_item_vectors(db, table_name: str, run_id: str, item_ids, vectors: np.n
 
 
 def ensure_vector_index(table) -> bool:
-    """An IVF-PQ index on `vector` from INDEX_MIN_ROWS rows on (below that exact search takes milliseconds),
-    and a scalar index on run_id (every query filters by run)."""
+    """An ANN index (store.vector_index) on `vector` from INDEX_MIN_ROWS rows on (below that exact search
+    takes milliseconds), and a scalar index on run_id (every query filters by run)."""
     import lancedb
 
     if table.count_rows() < INDEX_MIN_ROWS:
@@ -133,7 +133,7 @@ def ensure_vector_index(table) -> bool:
     if "vector" in indexed:
         table.optimize()  # folds the new rows into the existing indices
     else:
-        table.create_index("vector", config=lancedb.index.IvfPq(distance_type=VECTOR_METRIC))
+        table.create_index("vector", config=store.vector_index(VECTOR_METRIC))
         table.create_index("run_id", config=lancedb.index.BTree())
     return True
 
