@@ -178,6 +178,7 @@ def test_bad_arguments_fail_at_once(ray_local, sample_catalog, tmp_path):
 def test_resource_plan_never_starves_the_feeding_tasks():
     plan = plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=None, gpus_per_actor=None)
     assert plan.actors == 1 and plan.gpus == 0 and 2 * plan.cpus <= 2 - 0.5
+    assert plan.torch_threads == 2  # each stage's actor may use both cores when the other stage waits
     gpu = plan_resources(cluster_cpus=16, cluster_gpus=4, stages=2, actors=None, gpus_per_actor=None)
     assert gpu.gpus == 1.0 and gpu.actors == 2
     with pytest.raises(ValueError, match="GPUs"):
