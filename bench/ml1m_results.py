@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.config import TrainConfig  # noqa: E402 - after the path insert
+
 MODELS = ("sasrec", "fame", "hm4sr")
 MODEL_CONFIGS = {"hm4sr": {"modalities": ["id", "text"]}}  # ML-1M has no images
 COLUMNS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.2, help="hidden and attention dropout, every model")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--sort-window", type=int, default=8, help="batches sorted by history length together")
+    p.add_argument("--sort-window", type=int, default=TrainConfig().sort_window,
+                   help="batches sorted by history length together")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--attempts", type=int, default=4, help="runs resumed after the Ray cluster died, per model")

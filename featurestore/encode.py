@@ -158,7 +158,7 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, stages: int, actors
         )
     # Torch threads per CPU actor: the cores over the stage's actors, not over every stage's. The stages are
     # rarely busy together (on 2 cores the image stage was busy 100 % and the text stage 32 %), so splitting
-    # the cores between them left the bottleneck stage on one thread: 22.3 -> 33.4 images/s with 2 threads
+    # the cores between them left the bottleneck stage on one thread: 22.3 -> 30.6 images/s with 2 threads
     # (bench/results/encode_throughput.md).
     threads = max(1, int(cluster_cpus // actors)) if gpus_per_actor == 0 else 1
     return ActorResources(actors=actors, cpus=round(cpus, 2), gpus=gpus_per_actor, torch_threads=threads)

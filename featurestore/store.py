@@ -30,8 +30,8 @@ REJECTS_SCHEMA = pa.schema(
 
 
 # Every vector column gets one kind of ANN index. Measured on 100k x 384 cosine vectors (bench/ann_query.py,
-# bench/results/ann_query.md): HNSW-SQ searched with ef = 3k finds 98.9 % of the exact top 10 at 4.9 ms p50;
-# IVF-PQ as LanceDB searches it by default finds 61 % (99 % only with refine_factor 10, at 7.5 ms).
+# bench/results/ann_query.md): HNSW-SQ searched with ef = 3k finds 98.8 % of the exact top 10 at 4.2 ms p50;
+# IVF-PQ as LanceDB searches it by default finds 59 % (99 % only with refine_factor 10, at 8.3 ms).
 ANN_EF_PER_RESULT = 3
 
 

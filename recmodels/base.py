@@ -235,7 +235,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     """Scaled dot-product attention over (B, H, Lq, d') x (B, H, L, d') with a bool mask.
 
     With attention dropout on CPU, torch's SDPA takes its unfused path with bernoulli_ masks;
-    the same computation written out with keep_mask is faster.
+    the same computation written out with drop_mask is faster.
     """
     if dropout == 0.0 or query.device.type != "cpu":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
@@ -344,6 +344,7 @@ class _DotProductCrossEntropy(torch.autograd.Function):
         grad_queries = torch.empty_like(queries) if want_queries else None
         grad_candidates = torch.zeros_like(candidates, dtype=torch.float32) if want_candidates else None
         total = queries.new_zeros((), dtype=torch.float32)
+        candidates_f32 = candidates.float()  # once, not per chunk (a no-op in float32)
         for start in range(0, queries.shape[0], rows_per_chunk):
             chunk = slice(start, start + rows_per_chunk)
             rows, chunk_targets = queries[chunk], targets[chunk]
@@ -356,7 +357,7 @@ class _DotProductCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
             probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1.0  # dCE/dlogits
             if want_queries:
-                grad_queries[chunk] = (probs @ candidates.float()).to(queries.dtype)
+                grad_queries[chunk] = (probs @ candidates_f32).to(queries.dtype)
             if want_candidates:
                 grad_candidates.addmm_(probs.T, rows.float())
         ctx.rows = queries.shape[0]

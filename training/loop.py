@@ -160,8 +160,8 @@ def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size
     """Batches of `batch_size` rows of similar history length, each cut to its longest history.
 
     Attention costs L^2 and ML-1M's histories at L = 200 are half padding: sorting the rows of a window
-    (several batches of shuffled rows) by length and trimming each batch's padding made an epoch about
-    1.8x faster. `shuffle`: a window's batches come in random order, so lengths do not rise within it.
+    (several batches of shuffled rows) by length and trimming each batch's padding made a training step
+    about 1.8x faster. `shuffle`: a window's batches come in random order, so lengths do not rise within it.
     """
     for window in windows:
         order = torch.argsort((window["item_seq"] > 0).sum(dim=1), stable=True)
