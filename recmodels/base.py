@@ -104,6 +104,7 @@ class EncoderConfig:
     attn_dropout: float = 0.5  # attention probabilities
     max_seq_len: int = 50  # rows of the position table: the longest history a model accepts
     init_std: float = 0.02
+    layer_norm_eps: float = 1e-12  # RecBole's (the authors' code for FAME and HM4SR builds on it)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.n_heads:
@@ -289,7 +290,8 @@ class PostNormBlock(nn.Module):
 def transformer_block(config: EncoderConfig) -> PostNormBlock:
     d = config.hidden_size
     return PostNormBlock(MultiHeadSelfAttention(d, config.n_heads, config.attn_dropout),
-                         feed_forward(d, config.inner_size), nn.LayerNorm(d), nn.LayerNorm(d),
+                         feed_forward(d, config.inner_size), nn.LayerNorm(d, config.layer_norm_eps),
+                         nn.LayerNorm(d, config.layer_norm_eps),
                          config.dropout)
 
 
@@ -298,7 +300,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig, n_layers: int | None = None):
         super().__init__()
-        self.input_norm = nn.LayerNorm(config.hidden_size)
+        self.input_norm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.input_dropout = Dropout(config.dropout)
         n_layers = config.n_layers if n_layers is None else n_layers
         self.blocks = nn.ModuleList(transformer_block(config) for _ in range(n_layers))

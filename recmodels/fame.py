@@ -102,7 +102,8 @@ class FAME(SASRec):
         self.encoder.blocks[-1] = PostNormBlock(
             MixtureOfQueriesAttention(d, heads, c.n_experts, c.attn_dropout),
             PerHead(feed_forward(head_size, head_size), heads),
-            PerHead(nn.LayerNorm(head_size), heads), PerHead(nn.LayerNorm(head_size), heads), c.dropout)
+            PerHead(nn.LayerNorm(head_size, c.layer_norm_eps), heads),
+            PerHead(nn.LayerNorm(head_size, c.layer_norm_eps), heads), c.dropout)
         self.facet_projection = nn.Linear(d, d, bias=False) if c.sub_embeddings == "project" else None  # W_f^h stacked
         self.facet_gate = nn.Linear(d, heads) if heads > 1 else None
         for module in (self.encoder.blocks[-1], self.facet_projection, self.facet_gate):
