@@ -142,3 +142,27 @@ def test_recbole_training_loss_counts_the_padding_item(models, histories):
         states = theirs.forward(item_seq, lengths)
         with_padding = F.cross_entropy(states @ theirs.item_embedding.weight.T, target)
     torch.testing.assert_close(recbole_loss, with_padding)
+
+
+def test_full_ranking_hit_ratio_equals_recbole_evaluator():
+    """Our HR@K against RecBole's evaluator on the same scores. Its NDCG and MRR use np.float, which
+    NumPy 2 removed, so they cannot run here; test_metrics checks ours against closed forms."""
+    from recbole.evaluator.metrics import Hit
+
+    from recmodels.metrics import finalize, full_ranking_metrics
+
+    ks = (1, 5, 10, 20)
+    generator = torch.Generator().manual_seed(11)
+    scores = torch.randn(300, N_ITEMS + 1, generator=generator)
+    target = torch.randint(1, N_ITEMS + 1, (300,), generator=generator)
+    ours = finalize(full_ranking_metrics(scores, target, ks))
+
+    masked = scores.clone()
+    masked[:, 0] = float("-inf")  # what RecBole's trainer does before its top-k
+    top = masked.topk(max(ks), dim=1).indices
+    pos_index = (top == target[:, None]).numpy()  # (B, K): is the i-th ranked item the target
+    config = {"topk": list(ks), "metric_decimal_place": 8}
+    hit = Hit(config).metric_info(pos_index)  # (B, K) cumulative
+    for k in ks:
+        assert ours[f"hr@{k}"] == pytest.approx(hit[:, k - 1].mean(), abs=1e-12)
+    assert 0 < ours["hr@20"] < 1  # the check is not vacuous
