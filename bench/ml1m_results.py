@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--sort-window", type=int, default=TrainConfig().sort_window,
                    help="batches sorted by history length together")
+    p.add_argument("--precision", default=TrainConfig().precision, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--attempts", type=int, default=4, help="runs resumed after the Ray cluster died, per model")
@@ -58,6 +59,7 @@ def settings_for(model: str, args, stamp: str) -> dict:
         "model": model, "dataset": "ml-1m", "db": args.db, "storage": args.storage, "name": f"ml1m-{model}-{stamp}",
         "epochs": args.epochs, "time_budget_s": args.time_budget_s, "patience": args.patience,
         "max_len": args.max_len, "batch_size": args.batch_size, "sort_window": args.sort_window, "lr": args.lr, "train_mode": "all",
+        "precision": args.precision,
         "num_workers": args.num_workers, "vectors_table": f"item_vectors_ml1m_{model}",
         "model_config": {"hidden_size": args.hidden_size, "dropout": args.dropout, "attn_dropout": args.dropout,
                          **MODEL_CONFIGS.get(model, {})},
@@ -106,7 +108,8 @@ def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
         f"this table was written (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())}.",
         "",
         f"Leave-one-out, full ranking over all items (history not masked), L = {args.max_len}, "
-        f"d = {args.hidden_size}, dropout {args.dropout}, train_mode all, Adam lr {args.lr}, batch {args.batch_size} "
+        f"d = {args.hidden_size}, dropout {args.dropout}, train_mode all, {args.precision}, Adam lr {args.lr}, "
+        f"batch {args.batch_size} "
         f"(sorted by history length in windows of {args.sort_window} batches), "
         f"{args.num_workers} Ray Train worker(s); test metrics of the best validation-NDCG@20 epoch. "
         f"Epoch limit {args.epochs}, patience {args.patience}"

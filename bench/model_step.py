@@ -19,6 +19,7 @@ position's target; "all" = loss at every position (target_seq).
     python bench/model_step.py --quick            # a few minutes on 2 CPU cores
     python bench/model_step.py                    # the full grid (CPU and, when present, CUDA)
     python bench/model_step.py --devices cuda --seq-lens 200 --out /tmp/step.json
+    python bench/model_step.py --seq-lens 200 --n-items 3706 --modes all --precisions fp32 bf16
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def run_case(case: dict) -> dict:
     """One (device, model, L, n_items, mode) measurement; runs in its own process."""
     from recmodels import ItemFeatures, create_model
     from recmodels.hm4sr import n_intervals_for
+    from training.precision import autocast
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
@@ -83,7 +85,8 @@ def run_case(case: dict) -> dict:
 
     def step() -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
-        total, _ = model.loss(batch)
+        with autocast(case["precision"], device):
+            total, _ = model.loss(batch)
         total.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -112,7 +115,7 @@ def run_case(case: dict) -> dict:
 
 def add_relative_costs(results: list[dict]) -> None:
     def key(r):
-        return r["device"], r["seq_len"], r["n_items"], r["mode"]
+        return r["device"], r["seq_len"], r["n_items"], r["mode"], r["precision"]
 
     def cost(r):
         return r["wall_ms"] if r["device"] == "cuda" else r["cpu_ms"]
@@ -126,15 +129,16 @@ def add_relative_costs(results: list[dict]) -> None:
 
 
 def format_table(results: list[dict]) -> str:
-    header = ["device", "L", "n_items", "mode", "model", "wall ms", "cpu ms", "x SASRec", "peak MiB", "x SASRec"]
+    header = ["device", "L", "n_items", "mode", "precision", "model", "wall ms", "cpu ms", "x SASRec", "peak MiB", "x SASRec"]
     rows = [header]
     for r in results:
         if "error" in r:
-            rows.append([r["device"], r["seq_len"], r["n_items"], r["mode"], r["model"], "error: " + r["error"], "", "", "", ""])
+            rows.append([r["device"], r["seq_len"], r["n_items"], r["mode"], r["precision"], r["model"],
+                         "error: " + r["error"], "", "", "", ""])
             continue
         ratio = r.get("time_vs_sasrec")
         mem_ratio = r.get("memory_vs_sasrec")
-        rows.append([r["device"], r["seq_len"], r["n_items"], r["mode"], r["model"], f"{r['wall_ms']:.0f}", f"{r['cpu_ms']:.0f}",
+        rows.append([r["device"], r["seq_len"], r["n_items"], r["mode"], r["precision"], r["model"], f"{r['wall_ms']:.0f}", f"{r['cpu_ms']:.0f}",
                      f"{ratio:.2f}" if ratio else "-", f"{r['peak_mib']:.0f}", f"{mem_ratio:.2f}" if mem_ratio else "-"])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = [" | ".join(str(cell).rjust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -148,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[50, 200])
     parser.add_argument("--n-items", nargs="+", type=int, default=[3706, 100000])
     parser.add_argument("--modes", nargs="+", default=["last", "all"], choices=["last", "all"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                        help="autocast of the forward pass (fp16: CUDA only)")
     parser.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                         help="default: cpu, plus cuda when available")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -168,11 +174,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cases = [dict(device=device, seq_len=length, n_items=n_items, mode=mode, model=model,
+    cases = [dict(device=device, seq_len=length, n_items=n_items, mode=mode, precision=precision, model=model,
                   batch_size=args.batch_size, hidden_size=args.hidden_size, warmup=args.warmup,
                   reps=args.reps, threads=args.threads)
-             for device, length, n_items, mode, model
-             in itertools.product(args.devices, args.seq_lens, args.n_items, args.modes, args.models)]
+             for device, length, n_items, mode, precision, model
+             in itertools.product(args.devices, args.seq_lens, args.n_items, args.modes, args.precisions, args.models)
+             if not (precision == "fp16" and device == "cpu")]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned children's OpenMP
     results = []
     spawn = multiprocessing.get_context("spawn")  # a fresh process per case: clean peaks, no fork of torch threads
@@ -183,7 +190,7 @@ def main(argv=None) -> None:
             except Exception as error:  # e.g. out of memory: keep the other cases
                 result = {**case, "error": f"{type(error).__name__}: {error}"[:120]}
         results.append(result)
-        print({k: result.get(k) for k in ("device", "seq_len", "n_items", "mode", "model", "wall_ms",
+        print({k: result.get(k) for k in ("device", "seq_len", "n_items", "mode", "precision", "model", "wall_ms",
                                           "cpu_ms", "peak_mib", "load_average", "error") if k in result}, flush=True)
     add_relative_costs(results)
     print(format_table(results))

@@ -76,6 +76,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--sort-window", type=int,
                    help=f"batches of shuffled training rows sorted by history length together, so each batch "
                         f"is cut to its longest history; 1: batches as shuffled (default: {d.sort_window})")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help=f"training autocast: bf16 on GPUs or CPUs with bf16 units, fp16 on GPUs; evaluation "
+                        f"always scores in float32 (default: {d.precision})")
     p.add_argument("--eval-batch-size", type=int, help=f"per worker (default: {d.eval_batch_size})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"default: {d.weight_decay}")

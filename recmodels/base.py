@@ -361,7 +361,7 @@ class _DotProductCrossEntropy(torch.autograd.Function):
             if want_queries:
                 grad_queries[chunk] = (probs @ candidates_f32).to(queries.dtype)
             if want_candidates:
-                grad_candidates.addmm_(probs.T, rows.float())
+                grad_candidates += probs.T @ rows  # not addmm_: in-place ops skip autocast
         ctx.rows = queries.shape[0]
         ctx.candidates_dtype = candidates.dtype
         ctx.save_for_backward(grad_queries, grad_candidates)

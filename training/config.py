@@ -17,6 +17,7 @@ from featurestore import store
 from featurestore.sequences import MODES
 from recmodels import MODELS
 from recmodels.metrics import DEFAULT_KS
+from training.precision import precision_problem
 
 DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 
@@ -39,6 +40,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global: each worker takes batch_size / num_workers
     sort_window: int = 8  # training rows are sorted by history length within windows of this many batches
+    precision: str = "fp32"  # "bf16" (CUDA, or CPUs with bf16 units) or "fp16" (CUDA) autocast; see training.precision
     eval_batch_size: int = 256  # per worker; memory is eval_batch_size x n_items scores
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -82,6 +84,9 @@ class TrainConfig:
             found.append(f"monitor {self.monitor!r} is not one of {self.metric_names()} (set by ks={self.ks})")
         if self.gpus_per_worker < 0 or (self.cpus_per_worker is not None and self.cpus_per_worker <= 0):
             found.append("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        problem = precision_problem(self.precision, self.gpus_per_worker > 0)
+        if problem:
+            found.append(problem)
         if self.resume and not self.name:
             found.append("resume needs the name of the run to continue")
         reserved = {"max_seq_len", "n_intervals"} & set(self.model_config)

@@ -34,6 +34,7 @@ from training import checkpoint
 from training.checkpoint import Progress
 from training.config import TrainConfig
 from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
+from training.precision import autocast, grad_scaler
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
 EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
@@ -118,7 +119,7 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
         local_shuffle_buffer_size=max(SHUFFLE_BUFFER_BATCHES, settings.sort_window) * batch_size,
         local_shuffle_seed=worker_seed(settings, rank, epoch))
     batches = length_sorted_batches(windows, batch_size, shuffle=True)
-    train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step)
+    train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step, settings.precision)
                             | {"seconds": time.perf_counter() - started}, ray.train.torch.get_device())
     trained = time.perf_counter()
     validation = evaluate_split(model, "valid", "val", settings)
@@ -137,17 +138,26 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
 
 
 def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterable[dict[str, torch.Tensor]], before_step: Callable[[int], None]) -> dict[str, float]:
-    """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, and "rows"."""
+                batches: Iterable[dict[str, torch.Tensor]], before_step: Callable[[int], None],
+                precision: str = "fp32") -> dict[str, float]:
+    """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, and "rows".
+
+    The forward pass runs under `precision`'s autocast. fp16's gradient scaler starts afresh each epoch
+    (it settles within a few steps), so checkpoints need not carry it.
+    """
     trainer_model.train()
+    device = next(trainer_model.parameters()).device
+    scaler = grad_scaler(precision, device)
     sums: dict[str, torch.Tensor] = {}
     rows = 0
     for step, batch in enumerate(batches):
         before_step(step)
-        total, parts = trainer_model(batch)
+        with autocast(precision, device):
+            total, parts = trainer_model(batch)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         size = batch["target"].shape[0]
         for name, value in {"loss": total.detach(), **{f"loss_{part}": v for part, v in parts.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value * size  # tensors: no device sync per step
@@ -171,7 +181,11 @@ def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size
 
 
 def evaluate_split(model: SequentialRecommender, split: str, prefix: str, settings: TrainConfig) -> dict[str, float]:
-    """Full-ranking metrics of `split` over all workers' shares, keys "<prefix>_<metric>"."""
+    """Full-ranking metrics of `split` over all workers' shares, keys "<prefix>_<metric>".
+
+    Always in float32, whatever the training precision: bf16 scores (8-bit mantissa) would tie many items
+    and move the ranks.
+    """
     device = ray.train.torch.get_device()
     windows = ray.train.get_dataset_shard(split).iter_torch_batches(
         batch_size=EVAL_SORT_WINDOW * settings.eval_batch_size, device=device)
