@@ -352,11 +352,14 @@ class _DotProductCrossEntropy(torch.autograd.Function):
             rows, chunk_targets = queries[chunk], targets[chunk]
             logits = (rows @ candidates.T).float()  # (m, N+1); float32 under autocast too
             logits[:, 0] = float("-inf")
-            log_norm = logits.logsumexp(dim=-1)  # (m,)
-            total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            target_logits = logits.gather(1, chunk_targets[:, None])  # (m, 1)
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalised softmax in place: one exp per logit, not two
+            sums = probs.sum(dim=1, keepdim=True)
+            total += (row_max + sums.log() - target_logits).sum()  # log-sum-exp minus the target's logit
             if not (want_queries or want_candidates):
                 continue
-            probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+            probs.mul_(sums.reciprocal_())
             probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1.0  # dCE/dlogits
             if want_queries:
                 grad_queries[chunk] = (probs @ candidates_f32).to(queries.dtype)
