@@ -5,6 +5,7 @@ The store holds the real ML-100k items and interactions; the text features are r
 The end-to-end runs: SASRec (quality, reload and record checks) and HM4SR (interrupted, refused on
 changed features, resumed, a worker killed mid-epoch).
 """
+import json
 import math
 import runpy
 import shutil
@@ -341,3 +342,11 @@ def test_a_finished_run_name_is_not_reused_by_accident(sasrec_run, ml100k, no_wo
     storage = str(Path(sasrec_run.run_dir).parent)
     with pytest.raises(ValueError, match="already exists.*--resume"):
         run_training({"db": ml100k.uri, "storage": storage, "name": "sasrec-short"})
+
+
+def test_checkpoints_from_before_layer_norm_eps_keep_the_eps_they_were_trained_with(tmp_path):
+    (tmp_path / checkpoint.META).write_text(json.dumps({"model": "sasrec", "n_items": 5, "model_config": {"hidden_size": 8}}))
+    assert checkpoint.read_meta(tmp_path)["model_config"] == {"hidden_size": 8, "layer_norm_eps": 1e-5}
+    (tmp_path / checkpoint.META).write_text(json.dumps({"model": "sasrec", "n_items": 5,
+                                                        "model_config": {"hidden_size": 8, "layer_norm_eps": 1e-12}}))
+    assert checkpoint.read_meta(tmp_path)["model_config"]["layer_norm_eps"] == 1e-12

@@ -85,8 +85,13 @@ def save(directory: str | Path, meta: dict, progress: Progress, model: Sequentia
         torch.save(best_weights, directory / BEST_MODEL)
 
 
+LEGACY_LAYER_NORM_EPS = 1e-5  # torch's default, which checkpoints written before the setting existed used
+
+
 def read_meta(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / META).read_text())
+    meta = json.loads((Path(directory) / META).read_text())
+    meta["model_config"].setdefault("layer_norm_eps", LEGACY_LAYER_NORM_EPS)
+    return meta
 
 
 def read_progress(directory: str | Path) -> Progress:
