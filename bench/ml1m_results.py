@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import TrainConfig  # noqa: E402 - after the path insert
+from training.precision import PRECISIONS  # noqa: E402
 
 MODELS = ("sasrec", "fame", "hm4sr")
 MODEL_CONFIGS = {"hm4sr": {"modalities": ["id", "text"]}}  # ML-1M has no images
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--sort-window", type=int, default=TrainConfig().sort_window,
                    help="batches sorted by history length together")
-    p.add_argument("--precision", default=TrainConfig().precision, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default=TrainConfig().precision, choices=list(PRECISIONS))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--attempts", type=int, default=4, help="runs resumed after the Ray cluster died, per model")

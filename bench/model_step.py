@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.precision import PRECISIONS  # noqa: E402 - after the path insert
 
 MODEL_NAMES = ("sasrec", "fame", "hm4sr")
 TEXT_DIM, N_CATEGORIES = 384, 18
@@ -152,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[50, 200])
     parser.add_argument("--n-items", nargs="+", type=int, default=[3706, 100000])
     parser.add_argument("--modes", nargs="+", default=["last", "all"], choices=["last", "all"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(PRECISIONS),
                         help="autocast of the forward pass (fp16: CUDA only)")
     parser.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                         help="default: cpu, plus cuda when available")

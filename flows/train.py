@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, a
 from featurestore.sequences import MODES  # noqa: E402
 from recmodels import MODELS  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
+from training.precision import PRECISIONS  # noqa: E402
 
 DEFAULTS = TrainConfig()
 SET_BY_THE_FLOW = {"max_seq_len", "n_intervals"}  # --max-len and the data decide these
@@ -76,9 +77,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--sort-window", type=int,
                    help=f"batches of shuffled training rows sorted by history length together, so each batch "
                         f"is cut to its longest history; 1: batches as shuffled (default: {d.sort_window})")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                   help=f"training autocast: bf16 on GPUs or CPUs with bf16 units, fp16 on GPUs; evaluation "
-                        f"always scores in float32 (default: {d.precision})")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help=f"training autocast: bf16 (GPUs, and CPUs with AVX512-BF16/AMX; others emulate it "
+                        f"slowly) or fp16 (GPUs); evaluation always scores in float32 (default: {d.precision})")
     p.add_argument("--eval-batch-size", type=int, help=f"per worker (default: {d.eval_batch_size})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d.lr})")
     p.add_argument("--weight-decay", type=float, help=f"default: {d.weight_decay}")

@@ -346,7 +346,8 @@ class _DotProductCrossEntropy(torch.autograd.Function):
         grad_queries = torch.empty_like(queries) if want_queries else None
         grad_candidates = torch.zeros_like(candidates, dtype=torch.float32) if want_candidates else None
         total = queries.new_zeros((), dtype=torch.float32)
-        candidates_f32 = candidates.float()  # once, not per chunk (a no-op in float32)
+        candidates_f32 = candidates.float()  # once, not per chunk (a no-op in float32; autocast recasts it)
+        autocasting = torch.is_autocast_enabled(queries.device.type)
         for start in range(0, queries.shape[0], rows_per_chunk):
             chunk = slice(start, start + rows_per_chunk)
             rows, chunk_targets = queries[chunk], targets[chunk]
@@ -364,7 +365,10 @@ class _DotProductCrossEntropy(torch.autograd.Function):
             if want_queries:
                 grad_queries[chunk] = (probs @ candidates_f32).to(queries.dtype)
             if want_candidates:
-                grad_candidates += probs.T @ rows  # not addmm_: in-place ops skip autocast
+                if autocasting:  # in-place ops skip autocast: a low-precision matmul, then a float32 sum
+                    grad_candidates += probs.T @ rows
+                else:  # in place: no (N+1, S) temporary per chunk
+                    grad_candidates.addmm_(probs.T, rows.float())
         ctx.rows = queries.shape[0]
         ctx.candidates_dtype = candidates.dtype
         ctx.save_for_backward(grad_queries, grad_candidates)

@@ -4,7 +4,8 @@ RecBole trains SASRec on every prefix of every history (one sample per prefix, C
 our train_mode "all" does one causal pass per history with CE at every position. With the same weights and
 dropout off, the states, the full-ranking scores and the training loss must agree. The one deliberate
 difference: RecBole's training softmax includes the padding item 0, ours excludes it (RecBole's evaluation
-excludes it too), so RecBole's loss is recomputed from its states over the real items.
+excludes it too), so RecBole's loss is recomputed from its states over the real items. The metrics are
+compared with RecBole's evaluator.
 """
 from __future__ import annotations
 
@@ -129,28 +130,28 @@ def test_all_positions_loss_is_recbole_prefix_training(models, histories):
                                rtol=1e-4, atol=1e-7)
 
 
-def test_recbole_training_loss_counts_the_padding_item(models, histories):
-    """The documented difference: RecBole's CE also normalises over item 0, which we exclude."""
+def test_last_position_loss_is_recbole_ce_over_the_real_items(models, histories):
+    """Training on the last position only (train_mode "last") is RecBole's CE without the padding item, which
+    its own calculate_loss also normalises over (the documented difference)."""
     ours, theirs = models
     item_seq, lengths, target = histories
-    interaction = {"item_id_list": item_seq, "item_length": lengths, "item_id": target}
     with torch.no_grad():
-        recbole_loss = theirs.calculate_loss(interaction)
         our_loss, _ = ours.loss({"item_seq": item_seq, "seq_len": lengths, "target": target})
+        their_logits = theirs.forward(item_seq, lengths) @ theirs.item_embedding.weight.T
+        recbole_loss = theirs.calculate_loss({"item_id_list": item_seq, "item_length": lengths, "item_id": target})
+    torch.testing.assert_close(our_loss, F.cross_entropy(their_logits[:, 1:], target - 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recbole_loss, F.cross_entropy(their_logits, target))
     assert recbole_loss > our_loss  # one more term in every normaliser
-    with torch.no_grad():
-        states = theirs.forward(item_seq, lengths)
-        with_padding = F.cross_entropy(states @ theirs.item_embedding.weight.T, target)
-    torch.testing.assert_close(recbole_loss, with_padding)
 
 
-def test_full_ranking_hit_ratio_equals_recbole_evaluator():
-    """Our HR@K against RecBole's evaluator on the same scores. Its NDCG and MRR use np.float, which
-    NumPy 2 removed, so they cannot run here; test_metrics checks ours against closed forms."""
-    from recbole.evaluator.metrics import Hit
+def test_full_ranking_metrics_equal_recbole_evaluator(monkeypatch):
+    """Our HR/NDCG/MRR@K against RecBole's evaluator on the same scores and top-k."""
+    import numpy as np
+    from recbole.evaluator.metrics import MRR, NDCG, Hit
 
     from recmodels.metrics import finalize, full_ranking_metrics
 
+    monkeypatch.setattr(np, "float", float, raising=False)  # RecBole 1.2.1 still uses the alias NumPy 2 removed
     ks = (1, 5, 10, 20)
     generator = torch.Generator().manual_seed(11)
     scores = torch.randn(300, N_ITEMS + 1, generator=generator)
@@ -161,8 +162,11 @@ def test_full_ranking_hit_ratio_equals_recbole_evaluator():
     masked[:, 0] = float("-inf")  # what RecBole's trainer does before its top-k
     top = masked.topk(max(ks), dim=1).indices
     pos_index = (top == target[:, None]).numpy()  # (B, K): is the i-th ranked item the target
+    pos_len = np.ones(len(target), dtype=np.int64)  # leave-one-out: one relevant item per user
     config = {"topk": list(ks), "metric_decimal_place": 8}
-    hit = Hit(config).metric_info(pos_index)  # (B, K) cumulative
+    theirs = {"hr": Hit(config).metric_info(pos_index), "mrr": MRR(config).metric_info(pos_index),
+              "ndcg": NDCG(config).metric_info(pos_index, pos_len)}  # (B, K) each, cumulative over ranks
     for k in ks:
-        assert ours[f"hr@{k}"] == pytest.approx(hit[:, k - 1].mean(), abs=1e-12)
+        for name, values in theirs.items():
+            assert ours[f"{name}@{k}"] == pytest.approx(values[:, k - 1].mean(), abs=1e-12), (name, k)
     assert 0 < ours["hr@20"] < 1  # the check is not vacuous

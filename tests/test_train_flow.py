@@ -350,3 +350,22 @@ def test_checkpoints_from_before_layer_norm_eps_keep_the_eps_they_were_trained_w
     (tmp_path / checkpoint.META).write_text(json.dumps({"model": "sasrec", "n_items": 5,
                                                         "model_config": {"hidden_size": 8, "layer_norm_eps": 1e-12}}))
     assert checkpoint.read_meta(tmp_path)["model_config"]["layer_norm_eps"] == 1e-12
+
+
+def test_a_resumed_run_keeps_its_checkpoints_model_config_and_refuses_a_changed_store(tmp_path, monkeypatch):
+    import ray.train
+
+    from training import run as run_module
+
+    saved_config = {"hidden_size": 8, "max_seq_len": 20}  # written before layer_norm_eps existed
+    (tmp_path / checkpoint.META).write_text(json.dumps(
+        {"model": "sasrec", "n_items": 5, "model_config": saved_config, "feature_dims": {}}))
+    monkeypatch.setattr(run_module.RunDir, "latest_checkpoint",
+                        lambda self: ray.train.Checkpoint.from_directory(str(tmp_path)))
+    run_dir = run_module.RunDir(str(tmp_path), "old-run")
+    now = {"model": "sasrec", "n_items": 5, "feature_dims": {},
+           "model_config": {"hidden_size": 8, "max_seq_len": 20, "layer_norm_eps": 1e-12}}
+    resumed = run_module.resumed_meta(run_dir, now, None, 5)
+    assert resumed["model_config"] == {**saved_config, "layer_norm_eps": 1e-5}  # the eps it was trained with
+    with pytest.raises(ValueError, match=r"max_seq_len \(checkpoint: 20, store now: 50\)"):
+        run_module.resumed_meta(run_dir, {**now, "model_config": {**now["model_config"], "max_seq_len": 50}}, None, 5)

@@ -23,6 +23,7 @@ from recmodels import ItemFeatures, SequentialRecommender, create_model
 from training.config import TrainConfig
 
 META, PROGRESS, MODEL, BEST_MODEL, OPTIMIZER = "meta.json", "progress.json", "model.pt", "best_model.pt", "optimizer.pt"
+LEGACY_LAYER_NORM_EPS = 1e-5  # torch's default, which checkpoints written before the setting existed used
 
 
 @dataclass
@@ -83,9 +84,6 @@ def save(directory: str | Path, meta: dict, progress: Progress, model: Sequentia
     torch.save(optimizer.state_dict(), directory / OPTIMIZER)
     if best_weights is not None:
         torch.save(best_weights, directory / BEST_MODEL)
-
-
-LEGACY_LAYER_NORM_EPS = 1e-5  # torch's default, which checkpoints written before the setting existed used
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -25,6 +25,7 @@ DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 CHANGEABLE_ON_RESUME = frozenset({
     "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
     "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "max_failures", "fail_at",
+    "precision",  # weights and optimizer state stay float32 whatever the autocast: checkpoints are the same
 })
 
 
@@ -40,7 +41,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global: each worker takes batch_size / num_workers
     sort_window: int = 8  # training rows are sorted by history length within windows of this many batches
-    precision: str = "fp32"  # "bf16" (CUDA, or CPUs with bf16 units) or "fp16" (CUDA) autocast; see training.precision
+    precision: str = "fp32"  # training autocast "bf16" or "fp16" (CUDA only); see training.precision
     eval_batch_size: int = 256  # per worker; memory is eval_batch_size x n_items scores
     lr: float = 1e-3
     weight_decay: float = 0.0

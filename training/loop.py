@@ -65,11 +65,13 @@ def train_loop(config: dict) -> dict:
     optimizer = torch.optim.Adam(trainer_model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    scaler = grad_scaler(settings.precision, ray.train.torch.get_device())  # fp16 only; restarts on resume
 
     while not progress.finished:
         epoch = progress.epoch + 1
         failure = failure_injector(settings.fail_at, epoch, rank)
-        metrics = run_epoch(settings, model, trainer_model, optimizer, config["batch_size"], epoch, rank, failure)
+        metrics = run_epoch(settings, model, trainer_model, optimizer, scaler, config["batch_size"], epoch, rank,
+                            failure)
         if progress.record(metrics, settings):
             best_weights = weights_copy(model)
         metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
@@ -109,8 +111,8 @@ def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model: nn.Module,
-              optimizer: torch.optim.Optimizer, batch_size: int, epoch: int, rank: int,
-              before_step: Callable[[int], None]) -> dict:
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch_size: int, epoch: int,
+              rank: int, before_step: Callable[[int], None]) -> dict:
     """Train on this worker's shard, validate, and return the metrics of all workers together."""
     world = ray.train.get_context().get_world_size()
     started = time.perf_counter()
@@ -119,7 +121,7 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
         local_shuffle_buffer_size=max(SHUFFLE_BUFFER_BATCHES, settings.sort_window) * batch_size,
         local_shuffle_seed=worker_seed(settings, rank, epoch))
     batches = length_sorted_batches(windows, batch_size, shuffle=True)
-    train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step, settings.precision)
+    train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step, settings.precision, scaler)
                             | {"seconds": time.perf_counter() - started}, ray.train.torch.get_device())
     trained = time.perf_counter()
     validation = evaluate_split(model, "valid", "val", settings)
@@ -139,15 +141,14 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
 
 def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
                 batches: Iterable[dict[str, torch.Tensor]], before_step: Callable[[int], None],
-                precision: str = "fp32") -> dict[str, float]:
+                precision: str, scaler: torch.amp.GradScaler) -> dict[str, float]:
     """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, and "rows".
 
-    The forward pass runs under `precision`'s autocast. fp16's gradient scaler starts afresh each epoch
-    (it settles within a few steps), so checkpoints need not carry it.
+    The forward pass runs under `precision`'s autocast; `scaler` (training.precision.grad_scaler) scales
+    fp16 losses and passes other steps straight through.
     """
     trainer_model.train()
     device = next(trainer_model.parameters()).device
-    scaler = grad_scaler(precision, device)
     sums: dict[str, torch.Tensor] = {}
     rows = 0
     for step, batch in enumerate(batches):

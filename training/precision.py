@@ -1,8 +1,11 @@
-"""Mixed precision for training and evaluation: "fp32" (default), "bf16" or "fp16" autocast.
+"""Mixed precision for training: "fp32" (default), "bf16" or "fp16" autocast of the forward pass.
 
-bf16 runs on CUDA and on CPUs with bf16 matrix units (AVX512-BF16, AMX); fp16 is CUDA only and needs a
-gradient scaler (its small exponent range underflows gradients). Parameters and optimizer state stay
-float32 either way; the losses' softmax and log-sum-exp run in float32 (see recmodels.base).
+bf16 is fast on CUDA and on CPUs with bf16 matrix instructions (AVX512-BF16, AMX); other CPUs emulate it,
+slowly. fp16 is CUDA only and needs a gradient scaler (its small exponent range underflows gradients);
+the scale restarts from its initial value on resume. Parameters and optimizer state stay float32 either
+way; the losses' softmax and log-sum-exp run in float32 (see recmodels.base), and evaluation never
+autocasts. The fused cross-entropy computes its gradients in forward, outside the scaler's reach: they are
+softmax-weighted sums of item vectors, a few units at most, well inside fp16's range.
 """
 from __future__ import annotations
 

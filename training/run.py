@@ -117,7 +117,7 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     snapshot.check_unchanged(db, store.ITEMS)
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
     if settings.resume:
-        check_resumable(run_dir, meta, features, snapshot.n_items)
+        meta = resumed_meta(run_dir, meta, features, snapshot.n_items)
     vectors_table = settings.vectors_table or records.vectors_table_for(db, vector_dim)
     records.check_vectors_table(db, vectors_table, vector_dim)
     plan = plan_for_cluster(settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
@@ -207,19 +207,28 @@ def resolve_model(settings: TrainConfig, snapshot: StoreSnapshot, features: dict
     return meta, sum(p.numel() for p in probe.parameters()), int(probe.item_representations().shape[1])
 
 
-def check_resumable(run_dir: RunDir, meta: dict, features: dict | None, n_items: int) -> None:
-    """The store must still fit the checkpoint the run resumes from."""
+DATA_DERIVED_MODEL_KEYS = ("max_seq_len", "n_intervals", "modalities")  # resolved from the store, not the user
+
+
+def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: int) -> dict:
+    """The meta a resumed run continues with: the checkpoint's model config, once the store still fits it.
+
+    The checkpoint's config wins over today's defaults (a default changed since, like layer_norm_eps, must
+    not change a model half way); what the store decides must still match.
+    """
     latest = run_dir.latest_checkpoint()
     if latest is None:
         print(f"run {run_dir.name} has no checkpoint yet: it starts from epoch 1", flush=True)
-        return
+        return meta
     with latest.as_directory() as directory:
         saved = checkpoint.read_meta(directory)
     item_features = None if features is None else ItemFeatures.from_numpy(features)
     checkpoint.check_features(saved, item_features, n_items, latest.path)
-    if saved["model_config"] != meta["model_config"]:
-        raise ValueError(f"the model config resolved now differs from checkpoint {latest.path}'s "
-                         f"(e.g. the interval table size follows the data): start a new run")
+    changed = [f"{key} (checkpoint: {saved['model_config'].get(key)!r}, store now: {meta['model_config'].get(key)!r})"
+               for key in DATA_DERIVED_MODEL_KEYS if saved["model_config"].get(key) != meta["model_config"].get(key)]
+    if changed:
+        raise ValueError(f"the store no longer fits checkpoint {latest.path}: {', '.join(changed)}; start a new run")
+    return {**meta, "model_config": saved["model_config"]}
 
 
 def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features: dict | None) -> dict:
