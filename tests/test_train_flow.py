@@ -7,6 +7,7 @@ changed features, resumed, a worker killed mid-epoch).
 """
 import json
 import math
+import os
 import runpy
 import shutil
 from pathlib import Path
@@ -369,3 +370,45 @@ def test_a_resumed_run_keeps_its_checkpoints_model_config_and_refuses_a_changed_
     assert resumed["model_config"] == {**saved_config, "layer_norm_eps": 1e-5}  # the eps it was trained with
     with pytest.raises(ValueError, match=r"max_seq_len \(checkpoint: 20, store now: 50\)"):
         run_module.resumed_meta(run_dir, {**now, "model_config": {**now["model_config"], "max_seq_len": 50}}, None, 5)
+
+
+STEPS_IN_A_THREAD = """
+import resource, sys, threading, torch
+sys.path.insert(0, {root!r})
+from recmodels import create_model
+torch.manual_seed(0)
+model = create_model("sasrec", {{"hidden_size": 64, "max_seq_len": 100}}, 2000).train()
+item_seq = torch.randint(1, 2001, (64, 100))
+batch = {{"item_seq": item_seq, "target": item_seq[:, -1], "target_seq": item_seq.roll(-1, dims=1)}}
+faults = []
+
+def steps():  # the way Ray Train runs the loop: not in the main thread
+    torch.set_num_threads(1)
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model.loss(batch)[0].backward()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+thread = threading.Thread(target=steps)
+thread.start()
+thread.join()
+print(sum(faults[2:]))
+"""
+
+
+def test_worker_malloc_settings_stop_the_page_faults_of_a_training_thread():
+    import subprocess
+    import sys
+
+    from training.resources import WORKER_ENV_VARS
+
+    script = STEPS_IN_A_THREAD.format(root=str(Path(__file__).resolve().parents[1]))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(env):
+        return int(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                  text=True).stdout)
+
+    default, tuned = faults(clean), faults({**clean, **WORKER_ENV_VARS})
+    assert default > 5000  # glibc's per-thread arena hands the step's buffers back to the kernel
+    assert tuned < default / 10

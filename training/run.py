@@ -32,7 +32,7 @@ from recmodels import MODELS, HM4SRConfig, ItemFeatures, create_model
 from training import checkpoint, records
 from training.config import TrainConfig
 from training.data import StoreSnapshot, data_config, ensure_dataset, example_datasets, snapshot_store
-from training.resources import WorkerPlan, plan_for_cluster
+from training.resources import WORKER_ENV_VARS, WorkerPlan, plan_for_cluster
 
 SETTINGS_FILE = "train_config.json"
 PLOT_FILE = "learning_curves.png"
@@ -253,6 +253,7 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=settings.monitor_key,
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=settings.max_failures),
+        worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
     return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features),
                         scaling_config=plan.scaling_config(), run_config=run_config, dataset_config=data_config(),
