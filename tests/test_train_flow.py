@@ -384,7 +384,7 @@ faults = []
 
 def steps():  # the way Ray Train runs the loop: not in the main thread
     torch.set_num_threads(1)
-    for _ in range(4):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model.loss(batch)[0].backward()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -392,7 +392,7 @@ def steps():  # the way Ray Train runs the loop: not in the main thread
 thread = threading.Thread(target=steps)
 thread.start()
 thread.join()
-print(sum(faults[2:]))
+print(sum(faults[4:]))  # steady state: after the first steps have grown the heap
 """
 
 
@@ -410,5 +410,5 @@ def test_worker_malloc_settings_stop_the_page_faults_of_a_training_thread():
                                   text=True).stdout)
 
     default, tuned = faults(clean), faults({**clean, **WORKER_ENV_VARS})
-    assert default > 5000  # glibc's per-thread arena hands the step's buffers back to the kernel
-    assert tuned < default / 10
+    assert default > 20000  # glibc's per-thread arena hands the step's buffers back to the kernel
+    assert tuned < default / 4  # a heap that still grows now and then, not every step
