@@ -59,8 +59,8 @@ def settings_for(model: str, args, stamp: str) -> dict:
     return {
         "model": model, "dataset": "ml-1m", "db": args.db, "storage": args.storage, "name": f"ml1m-{model}-{stamp}",
         "epochs": args.epochs, "time_budget_s": args.time_budget_s, "patience": args.patience,
-        "max_len": args.max_len, "batch_size": args.batch_size, "sort_window": args.sort_window, "lr": args.lr, "train_mode": "all",
-        "precision": args.precision,
+        "max_len": args.max_len, "batch_size": args.batch_size, "sort_window": args.sort_window, "lr": args.lr,
+        "train_mode": "all", "precision": args.precision,
         "num_workers": args.num_workers, "vectors_table": f"item_vectors_ml1m_{model}",
         "model_config": {"hidden_size": args.hidden_size, "dropout": args.dropout, "attn_dropout": args.dropout,
                          **MODEL_CONFIGS.get(model, {})},

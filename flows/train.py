@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, a
 
 from featurestore.sequences import MODES  # noqa: E402
 from recmodels import MODELS  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from training.config import SET_BY_THE_RUN, TrainConfig  # noqa: E402
 from training.precision import PRECISIONS  # noqa: E402
 
 DEFAULTS = TrainConfig()
-SET_BY_THE_FLOW = {"max_seq_len", "n_intervals"}  # --max-len and the data decide these
 DERIVED_DEFAULTS = {  # defaults the model or the run derive from other settings
     "inner_size": "4 x hidden size",
     "modalities": "id plus the feature modalities the items table has",
@@ -38,7 +37,7 @@ def model_fields() -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for name, model in MODELS.items():
         for field in dataclasses.fields(model.config_class):
-            if field.name not in SET_BY_THE_FLOW:
+            if field.name not in SET_BY_THE_RUN:
                 fields.setdefault(field.name, []).append(name)
     return fields
 

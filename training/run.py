@@ -30,7 +30,7 @@ from featurestore import store
 from featurestore.sequences import load_item_features
 from recmodels import MODELS, HM4SRConfig, ItemFeatures, create_model
 from training import checkpoint, records
-from training.config import TrainConfig
+from training.config import SET_BY_THE_RUN, TrainConfig
 from training.data import StoreSnapshot, data_config, ensure_dataset, example_datasets, snapshot_store
 from training.resources import WORKER_ENV_VARS, WorkerPlan, plan_for_cluster
 
@@ -207,7 +207,8 @@ def resolve_model(settings: TrainConfig, snapshot: StoreSnapshot, features: dict
     return meta, sum(p.numel() for p in probe.parameters()), int(probe.item_representations().shape[1])
 
 
-DATA_DERIVED_MODEL_KEYS = ("max_seq_len", "n_intervals", "modalities")  # resolved from the store, not the user
+# What the store decides: the run's own settings, and the modalities the items have (unless the user names them)
+DATA_DERIVED_MODEL_KEYS = sorted(SET_BY_THE_RUN | {"modalities"})
 
 
 def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: int) -> dict:
