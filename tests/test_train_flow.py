@@ -26,8 +26,8 @@ from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
 from training.data import ensure_dataset
 from training.evaluate import numpy_batches, prefixed_means, ranking_sums
-from training.loop import epoch_line, length_sorted_batches
 from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
+from training.steps import epoch_line, length_sorted_batches
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_DIM = 32

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -29,26 +29,15 @@ import torch
 from torch import nn
 
 from recmodels import ItemFeatures, SequentialRecommender, create_model
-from recmodels.base import trim_padding
 from training import checkpoint
 from training.checkpoint import Progress
 from training.config import TrainConfig
 from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
-from training.precision import autocast, grad_scaler
+from training.precision import grad_scaler
+from training.steps import LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
 EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
-
-
-class LossModel(nn.Module):
-    """DDP synchronises the gradients of what runs through forward(), so forward() is the model's loss."""
-
-    def __init__(self, model: SequentialRecommender):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.loss(batch)
 
 
 def train_loop(config: dict) -> dict:
@@ -106,10 +95,6 @@ def worker_seed(settings: TrainConfig, rank: int, epoch: int) -> int:
     return settings.seed + 1_000_003 * rank + epoch
 
 
-def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
-
-
 def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model: nn.Module,
               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch_size: int, epoch: int,
               rank: int, before_step: Callable[[int], None]) -> dict:
@@ -137,48 +122,6 @@ def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model
         "sequences_per_s": rows / train_s,
         "sequences_per_s_per_worker": rows / train_s / world,
     }
-
-
-def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterable[dict[str, torch.Tensor]], before_step: Callable[[int], None],
-                precision: str, scaler: torch.amp.GradScaler) -> dict[str, float]:
-    """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, and "rows".
-
-    The forward pass runs under `precision`'s autocast; `scaler` (training.precision.grad_scaler) scales
-    fp16 losses and passes other steps straight through.
-    """
-    trainer_model.train()
-    device = next(trainer_model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    rows = 0
-    for step, batch in enumerate(batches):
-        before_step(step)
-        with autocast(precision, device):
-            total, parts = trainer_model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        size = batch["target"].shape[0]
-        for name, value in {"loss": total.detach(), **{f"loss_{part}": v for part, v in parts.items()}}.items():
-            sums[name] = sums.get(name, 0.0) + value * size  # tensors: no device sync per step
-        rows += size
-    return {name: float(value) for name, value in sums.items()} | {"rows": rows}
-
-
-def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size: int,
-                          shuffle: bool) -> Iterable[dict[str, torch.Tensor]]:
-    """Batches of `batch_size` rows of similar history length, each cut to its longest history.
-
-    Attention costs L^2 and ML-1M's histories at L = 200 are half padding: sorting the rows of a window
-    (several batches of shuffled rows) by length and trimming each batch's padding made a training step
-    about 1.8x faster. `shuffle`: a window's batches come in random order, so lengths do not rise within it.
-    """
-    for window in windows:
-        order = torch.argsort((window["item_seq"] > 0).sum(dim=1), stable=True)
-        chunks = order.split(batch_size)
-        for chunk in (chunks[i] for i in torch.randperm(len(chunks)).tolist()) if shuffle else chunks:
-            yield trim_padding({name: value[chunk] for name, value in window.items()})
 
 
 def evaluate_split(model: SequentialRecommender, split: str, prefix: str, settings: TrainConfig) -> dict[str, float]:
@@ -223,15 +166,3 @@ def failure_injector(fail_at: dict | None, epoch: int, rank: int) -> Callable[[i
             os._exit(1)
 
     return fail
-
-
-def epoch_line(metrics: dict, settings: TrainConfig) -> str:
-    """One readable line: losses, validation metrics, time, throughput."""
-    losses = ", ".join(f"{name[5:]} {value:.4f}" for name, value in metrics.items() if name.startswith("loss_"))
-    shown = dict.fromkeys(["val_hr@10", "val_ndcg@10", settings.monitor_key])
-    validation = " ".join(f"{name[4:]} {metrics[name]:.4f}" for name in shown if name in metrics)
-    best = " *best*" if metrics["is_best"] else ""
-    return (f"epoch {metrics['epoch']:>3}/{settings.epochs} | loss {metrics['loss']:.4f} ({losses}) | "
-            f"val {validation}{best} | {metrics['epoch_s']:.1f} s (train {metrics['train_s']:.1f}, "
-            f"eval {metrics['eval_s']:.1f}) | {metrics['sequences_per_s']:,.0f} seq/s, "
-            f"{metrics['sequences_per_s_per_worker']:,.0f}/worker")
