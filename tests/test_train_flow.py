@@ -412,3 +412,47 @@ def test_worker_malloc_settings_stop_the_page_faults_of_a_training_thread():
     default, tuned = faults(clean), faults({**clean, **WORKER_ENV_VARS})
     assert default > 20000  # glibc's per-thread arena hands the step's buffers back to the kernel
     assert tuned < default / 4  # a heap that still grows now and then, not every step
+
+
+# ---------------------------------------------------------------- the one-process runner (bench/ml1m_one_process.py)
+
+WITHOUT_RAY = """
+import importlib.abc, runpy, sys
+class NotInstalled(importlib.abc.MetaPathFinder):  # the GPU machines have torch but not Ray or LanceDB
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"ray", "lancedb", "lance", "lance_ray"}:
+            raise ImportError(f"no module named {name!r} on this machine")
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_installed(ml100k, tmp_path):
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "ml1m_one_process.py")
+    data, out = tmp_path / "ml100k.npz", tmp_path / "results.json"
+    # OpenMP threads that spin while Ray's processes hold a core made these epochs 14x slower on 2 cores
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([sys.executable, script, "export", "--dataset", "ml-100k", "--db", ml100k.uri, "--out", str(data),
+                    "--max-len", "50", "--hidden-size", "16", "--lr", "5e-3", "--models", "sasrec", "hm4sr"], check=True, env=env)
+    subprocess.run([sys.executable, "-c", WITHOUT_RAY, script, "train", "--data", str(data), "--out", str(out),
+                    "--epochs", "3", "--device", "cpu"], check=True, env=env)
+    results = json.loads(out.read_text())["models"]
+    assert list(results) == ["sasrec", "hm4sr"]
+    assert results["hm4sr"]["meta"]["model_config"]["modalities"] == ["id", "text"]  # as the flow resolves it
+    assert results["hm4sr"]["history"][-1]["loss_idcl"] > 0  # the auxiliary losses ran and were reported
+    meta = results["sasrec"]["meta"]
+    torch.manual_seed(0)
+    untrained = create_model("sasrec", meta["model_config"], meta["n_items"]).eval()
+    before = single_process_test_metrics(untrained, ml100k, 50, TrainConfig().ks)
+    assert results["sasrec"]["test_ndcg@10"] > 2 * before["test_ndcg@10"]
+    for result in results.values():
+        assert [m["epoch"] for m in result["history"]] == [1, 2, 3] and result["stop_reason"] == "epochs"
+        assert all(m["sequences"] == 943 for m in result["history"])  # every ML-100k user, every epoch
+        losses = [m["loss"] for m in result["history"]]
+        assert losses[2] < losses[1] < losses[0]
+        assert result["test_masked_hr@10"] >= result["test_hr@10"]  # masking seen items can only help here

@@ -34,10 +34,9 @@ from training.checkpoint import Progress
 from training.config import TrainConfig
 from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
 from training.precision import grad_scaler
-from training.steps import LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy
+from training.steps import EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
-EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
 
 
 def train_loop(config: dict) -> dict:

@@ -13,6 +13,8 @@ from recmodels.base import trim_padding
 from training.config import TrainConfig
 from training.precision import autocast
 
+EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
+
 
 class LossModel(nn.Module):
     """DDP synchronises the gradients of what runs through forward(), so forward() is the model's loss."""
