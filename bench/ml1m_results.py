@@ -15,6 +15,7 @@ The training flow builds the store on first use (`dataset` ml-1m).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=TrainConfig().precision, choices=list(PRECISIONS))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--model-config", type=json.loads, default={},
+                   help='JSON merged into every listed model\'s config, e.g. \'{"idcl_weight": 0}\'')
     p.add_argument("--attempts", type=int, default=4, help="runs resumed after the Ray cluster died, per model")
     return p.parse_args(argv)
 
@@ -63,7 +66,7 @@ def settings_for(model: str, args, stamp: str) -> dict:
         "train_mode": "all", "precision": args.precision,
         "num_workers": args.num_workers, "vectors_table": f"item_vectors_ml1m_{model}",
         "model_config": {"hidden_size": args.hidden_size, "dropout": args.dropout, "attn_dropout": args.dropout,
-                         **MODEL_CONFIGS.get(model, {})},
+                         **MODEL_CONFIGS.get(model, {}), **args.model_config},
     }
 
 
@@ -114,7 +117,8 @@ def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
         f"(sorted by history length in windows of {args.sort_window} batches), "
         f"{args.num_workers} Ray Train worker(s); test metrics of the best validation-NDCG@20 epoch. "
         f"Epoch limit {args.epochs}, patience {args.patience}"
-        + (f", training time budget {args.time_budget_s:.0f} s per model." if args.time_budget_s else "."),
+        + (f", training time budget {args.time_budget_s:.0f} s per model." if args.time_budget_s else ".")
+        + (f" Model config changes: `{json.dumps(args.model_config)}`." if args.model_config else ""),
         "",
         header + " | best / run epochs (stop) | wall min (all attempts) | s / epoch | sequences/s per worker |",
         "|" + "---|" * (len(COLUMNS) + 5),
