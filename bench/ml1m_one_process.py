@@ -5,8 +5,9 @@ travel to them), so this runs the training flow's own parts without Ray Train: t
 resolves (training.run.resolve_model), its leave-one-out examples (featurestore.sequences.make_examples),
 training steps and length-sorted batching (training.steps), early stopping (training.checkpoint.Progress)
 and full-ranking metrics (training.evaluate), under bench/ml1m_results.py's protocol and defaults. Left out:
-Ray Data sharding, DDP, checkpoints and the runs table. Test metrics are reported with history items
-ranked (the flow's default) and masked.
+Ray Data sharding, DDP, checkpoints and the runs table; it is one worker (the whole batch per step), and
+each epoch shuffles all rows where the flow shuffles within a buffer of 8 windows. Test metrics are
+reported under the run's mask_history (default: history items ranked) and with history masked.
 
     # here, from the store the flow builds (bench/ml1m_results.py's protocol options apply):
     python bench/ml1m_one_process.py export --out .device/ml1m.npz
@@ -38,7 +39,7 @@ from training.config import SET_BY_THE_RUN, TrainConfig  # noqa: E402
 from training.evaluate import prefixed_means, ranking_sums  # noqa: E402
 from training.precision import PRECISIONS, grad_scaler  # noqa: E402
 from training.steps import (EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches,  # noqa: E402
-                            train_epoch, weights_copy)
+                            train_epoch, weights_copy, worker_seed)
 
 SPLITS = ("train", "valid", "test")
 
@@ -106,18 +107,19 @@ def synchronize(device: torch.device) -> None:
 def train_model(entry: dict, data, device: torch.device, overrides: dict, model_config: dict) -> dict:
     """Train one model to its stop (epochs, patience or time budget); its per-epoch history and test metrics.
 
-    `model_config` changes hyper-parameters of the exported model config (an ablation); the data-derived
-    keys (training.config.SET_BY_THE_RUN) stay the export's.
+    `model_config` changes hyper-parameters of the exported model config (an ablation); what the data
+    decided at export (training.config.SET_BY_THE_RUN, and interval_scale, which sets n_intervals) stays.
     """
     settings = TrainConfig.from_dict({**entry["settings"], **overrides})
-    reserved = SET_BY_THE_RUN & set(model_config)
-    if reserved:
-        raise ValueError(f"--model-config may not set {sorted(reserved)}: the export fixed them")
+    fixed = (SET_BY_THE_RUN | {"interval_scale"}) & set(model_config)
+    if fixed:
+        raise ValueError(f"--model-config may not set {sorted(fixed)}: the export fixed them")
     meta = {**entry["meta"], "model_config": {**entry["meta"]["model_config"], **model_config}}
     features = (ItemFeatures.from_numpy({name: data[f"feature__{name}"] for name in meta["feature_dims"]})
                 if meta["feature_dims"] else None)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # as training.loop: the initial weights, then rank 0's stream
     model = create_model(meta["model"], meta["model_config"], meta["n_items"], features).to(device)
+    torch.manual_seed(worker_seed(settings, rank=0, epoch=0))
     splits = {split: {name[len(split) + 2:]: torch.as_tensor(data[name], dtype=torch.int64).to(device)
                       for name in data.files if name.startswith(f"{split}__")} for split in SPLITS}
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -143,9 +145,9 @@ def train_model(entry: dict, data, device: torch.device, overrides: dict, model_
         metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == metrics["epoch"]}
         print(f"{meta['model']}: " + epoch_line(metrics, settings), flush=True)
     model.load_state_dict(best_weights)
-    test = evaluate(model, splits["test"], "test", settings, mask_history=False)
+    test = evaluate(model, splits["test"], "test", settings, settings.mask_history)
     masked = evaluate(model, splits["test"], "test_masked", settings, mask_history=True)
-    return {"settings": settings.to_dict(), "meta": meta, "n_parameters": entry["n_parameters"],
+    return {"settings": settings.to_dict(), "meta": meta, "n_parameters": sum(p.numel() for p in model.parameters()),
             "best_epoch": progress.best_epoch, "epochs": progress.epoch, "stop_reason": progress.stop_reason,
             "model_config_changes": model_config, "history": progress.history, **test, **masked}
 
@@ -155,7 +157,7 @@ def train(argv: list[str]) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True, help="JSON, rewritten after every model")
     parser.add_argument("--models", nargs="+", default=None, help="default: every model the export holds")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS), help="default: the export's")
     parser.add_argument("--time-budget-s", type=float, default=None, help="training seconds per model")
     parser.add_argument("--epochs", type=int, default=None, help="default: the export's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,12 +168,15 @@ def train(argv: list[str]) -> None:
     data = np.load(args.data)
     info = json.loads(str(data["info"]))
     device = torch.device(args.device)
-    overrides = {"precision": args.precision, "time_budget_s": args.time_budget_s,
-                 "gpus_per_worker": 1.0 if device.type == "cuda" else 0.0,
-                 **({"epochs": args.epochs} if args.epochs else {})}
+    given = {"precision": args.precision, "time_budget_s": args.time_budget_s, "epochs": args.epochs}
+    overrides = {"gpus_per_worker": 1.0 if device.type == "cuda" else 0.0,
+                 **{name: value for name, value in given.items() if value is not None}}
+    models = args.models or list(info["models"])
+    if args.label and len(models) != 1:
+        parser.error(f"--label names one model's result; {len(models)} models were given")
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "export": {k: v for k, v in info.items() if k != "models"}, "models": {}}
-    for model in args.models or list(info["models"]):
+    for model in models:
         started = time.perf_counter()
         label = args.label or model
         results["models"][label] = train_model(info["models"][model], data, device, overrides, args.model_config)

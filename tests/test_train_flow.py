@@ -438,9 +438,10 @@ def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_install
     # OpenMP threads that spin while Ray's processes hold a core made these epochs 14x slower on 2 cores
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run([sys.executable, script, "export", "--dataset", "ml-100k", "--db", ml100k.uri, "--out", str(data),
-                    "--max-len", "50", "--hidden-size", "16", "--lr", "5e-3", "--models", "sasrec", "hm4sr"], check=True, env=env)
+                    "--max-len", "50", "--hidden-size", "16", "--lr", "5e-3", "--models", "sasrec", "hm4sr"],
+                   check=True, env=env, timeout=300)
     subprocess.run([sys.executable, "-c", WITHOUT_RAY, script, "train", "--data", str(data), "--out", str(out),
-                    "--epochs", "3", "--device", "cpu"], check=True, env=env)
+                    "--epochs", "3", "--device", "cpu"], check=True, env=env, timeout=600)
     results = json.loads(out.read_text())["models"]
     assert list(results) == ["sasrec", "hm4sr"]
     assert results["hm4sr"]["meta"]["model_config"]["modalities"] == ["id", "text"]  # as the flow resolves it

@@ -34,7 +34,8 @@ from training.checkpoint import Progress
 from training.config import TrainConfig
 from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
 from training.precision import grad_scaler
-from training.steps import EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy
+from training.steps import (EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy,
+                            worker_seed)
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
 
@@ -88,10 +89,6 @@ def restore(saved, model: SequentialRecommender, settings: TrainConfig) -> tuple
     progress.restored_at.append(progress.epoch)
     progress.update_stop(settings)
     return progress, best_weights, optimizer_state
-
-
-def worker_seed(settings: TrainConfig, rank: int, epoch: int) -> int:
-    return settings.seed + 1_000_003 * rank + epoch
 
 
 def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model: nn.Module,

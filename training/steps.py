@@ -69,6 +69,10 @@ def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size
             yield trim_padding({name: value[chunk] for name, value in window.items()})
 
 
+def worker_seed(settings: TrainConfig, rank: int, epoch: int) -> int:
+    return settings.seed + 1_000_003 * rank + epoch
+
+
 def weights_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
 
