@@ -51,9 +51,8 @@ def export(argv: list[str]) -> None:
     import ml1m_results
     from featurestore import store
     from featurestore.sequences import SEQUENCES, make_examples
-    from recmodels import HM4SRConfig
     from training.data import SEQUENCE_COLUMNS, ensure_dataset, snapshot_store
-    from training.run import model_features, resolve_model
+    from training.run import interval_scale, model_features, resolve_model
 
     parser = argparse.ArgumentParser(prog="ml1m_one_process.py export")
     parser.add_argument("--out", required=True)
@@ -62,8 +61,7 @@ def export(argv: list[str]) -> None:
     args = ml1m_results.parse_args(rest)
     db = store.connect(args.db)
     ensure_dataset(db, own.dataset)
-    interval_scale = args.model_config.get("interval_scale", HM4SRConfig.interval_scale)  # as training.run
-    snapshot, index = snapshot_store(db, args.max_len, "all", 1, interval_scale)
+    snapshot, index = snapshot_store(db, args.max_len, "all", 1, interval_scale(args.model_config))
     rows = lance.dataset(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES]).to_table(
         columns=SEQUENCE_COLUMNS)
     arrays, models = {}, {}
@@ -135,11 +133,11 @@ def train_model(entry: dict, data, device: torch.device, overrides: dict, model_
         trained = time.perf_counter()
         validation = evaluate(model, splits["valid"], "val", settings, settings.mask_history)
         rows = train.pop("rows")
+        per_s = rows / (trained - started)  # one worker: the per-worker rate is the rate
         metrics = {"epoch": progress.epoch + 1, **{name: value / rows for name, value in train.items()},
                    **validation, "epoch_s": time.perf_counter() - started, "train_s": trained - started,
                    "eval_s": time.perf_counter() - trained, "sequences": rows,
-                   "sequences_per_s": rows / (trained - started),
-                   "sequences_per_s_per_worker": rows / (trained - started)}
+                   "sequences_per_s": per_s, "sequences_per_s_per_worker": per_s}
         if progress.record(metrics, settings):
             best_weights = weights_copy(model)
         metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == metrics["epoch"]}

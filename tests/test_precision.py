@@ -7,8 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from recmodels.base import dot_product_cross_entropy, mask_padding_column
 from test_models import build, make_batch
 from training.config import TrainConfig
-from training.steps import LossModel, train_epoch
 from training.precision import autocast, grad_scaler
+from training.steps import LossModel, train_epoch
 
 
 def test_precision_settings_are_checked():

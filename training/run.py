@@ -111,8 +111,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     db = store.connect(settings.db)
     if settings.dataset:
         ensure_dataset(db, settings.dataset)
-    interval_scale = settings.model_config.get("interval_scale", HM4SRConfig.interval_scale)  # HM4SR's intervals
-    snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers, interval_scale)
+    snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers,
+                                     interval_scale(settings.model_config))
     features, modalities = model_features(db, index, settings)
     snapshot.check_unchanged(db, store.ITEMS)
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
@@ -139,6 +139,11 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
                                       "finished_at": records.now(), "wall_time_s": time.perf_counter() - started})
         raise
     return finish(db, settings, run_dir, result, features, index, base, started)
+
+
+def interval_scale(model_config: Mapping[str, Any]) -> float:
+    """The scale of HM4SR's interval index, which sizes its interval table from the data."""
+    return model_config.get("interval_scale", HM4SRConfig.interval_scale)
 
 
 def resolve_settings(config: Mapping[str, Any]) -> tuple[TrainConfig, RunDir]:
