@@ -76,3 +76,30 @@ def test_history_masking_needs_history():
 def test_finalize_rejects_empty_sums():
     with pytest.raises(ValueError, match="count"):
         finalize({"hr@10": 0.0, "count": 0.0})
+
+
+def test_a_non_finite_target_score_is_a_counted_miss_not_a_hit():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([
+        [NEG_INF, nan, 0.5, 0.7],  # NaN target: would rank -1 (HR 1, NDCG inf) without the rule
+        [NEG_INF, 0.1, inf, 0.2],  # +inf target
+        [NEG_INF, 0.9, NEG_INF, 0.2],  # -inf target
+        [NEG_INF, 0.9, 0.1, nan],  # a NaN among the other items would otherwise be ignored
+        [NEG_INF, 0.9, 0.1, 0.2],  # a finite row: target 1 ranks first
+    ])
+    target = torch.tensor([1, 2, 2, 1, 1])
+    assert rank_of_target(scores, target).tolist() == [3, 3, 3, 3, 0]
+    sums = full_ranking_metrics(scores, target, ks=(1, 3))
+    assert sums["nonfinite_rows"] == 4
+    assert sums["hr@3"] == 1 and sums["ndcg@3"] == pytest.approx(1.0) and sums["mrr@3"] == pytest.approx(1.0)
+    means = finalize(sums)
+    assert means["hr@3"] == pytest.approx(1 / 5) and all(math.isfinite(v) for v in means.values())
+    assert means["nonfinite_rows"] == 4  # a total, not a mean
+
+
+def test_masked_history_is_not_a_non_finite_row_but_a_nan_history_item_is():
+    scores = torch.tensor([[NEG_INF, 0.9, 0.8, 0.7], [NEG_INF, float("nan"), 0.8, 0.7]])
+    target, history = torch.tensor([3, 3]), torch.tensor([[1, 2], [1, 2]])
+    sums = full_ranking_metrics(scores, target, ks=(1,), history=history, mask_history=True)
+    assert sums["nonfinite_rows"] == 1  # row 2's NaN is found before masking turns it into -inf
+    assert sums["hr@1"] == 1  # row 1: both items above the target are history

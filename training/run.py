@@ -92,11 +92,14 @@ class RunResult:
         best = self.history[self.best_epoch - 1]
         epoch_s = np.mean([m["epoch_s"] for m in self.history])
         per_worker = np.mean([m["sequences_per_s_per_worker"] for m in self.history])
-        test = " ".join(f"{k[5:]} {v:.4f}" for k, v in self.test.items() if k[5:].split("@")[1] in ("10", "20"))
+        test = " ".join(f"{k[5:]} {v:.4f}" for k, v in self.test.items() if k.endswith(("@10", "@20")))
+        nonfinite = sum(m.get("val_nonfinite_rows", 0) for m in self.history)
         return [
             f"run {self.run_id}: {len(self.history)} epochs (stopped by {self.stop_reason}), best epoch {self.best_epoch}, "
             f"{self.wall_time_s:.0f} s wall, {epoch_s:.1f} s/epoch, {per_worker:,.0f} sequences/s per worker",
-            "valid " + " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_")),
+            "valid " + " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_") and "@" in k),
+            *([f"warning: {nonfinite} validation rows over the epochs scored non-finite (counted as misses)"]
+              if nonfinite else []),
             f"test  {test}",
             f"checkpoint {self.checkpoint}",
             f"item vectors in table {self.vectors_table}" + (" (indexed)" if self.vectors_indexed else ""),

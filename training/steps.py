@@ -83,7 +83,9 @@ def epoch_line(metrics: dict, settings: TrainConfig) -> str:
     shown = dict.fromkeys(["val_hr@10", "val_ndcg@10", settings.monitor_key])
     validation = " ".join(f"{name[4:]} {metrics[name]:.4f}" for name in shown if name in metrics)
     best = " *best*" if metrics["is_best"] else ""
+    nonfinite = metrics.get("val_nonfinite_rows", 0)
+    warning = f" | {nonfinite} validation rows scored non-finite (counted as misses)" if nonfinite else ""
     return (f"epoch {metrics['epoch']:>3}/{settings.epochs} | loss {metrics['loss']:.4f} ({losses}) | "
             f"val {validation}{best} | {metrics['epoch_s']:.1f} s (train {metrics['train_s']:.1f}, "
             f"eval {metrics['eval_s']:.1f}) | {metrics['sequences_per_s']:,.0f} seq/s, "
-            f"{metrics['sequences_per_s_per_worker']:,.0f}/worker")
+            f"{metrics['sequences_per_s_per_worker']:,.0f}/worker{warning}")
