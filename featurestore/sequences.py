@@ -6,6 +6,7 @@ Batch contract of `make_examples` (numpy, B examples, L = max_len):
   seq_len    (B,)   int64  number of real items in item_seq
   target     (B,)   int64  the item that follows the history
   target_seq (B, L) int64  train + mode "all" only: the next item at each position, 0 where none
+                           or where another window of the user trains that target
 Leave-one-out: per user (chronological), last item = test target, second to last = validation target,
 everything before = training part. Users with fewer than MIN_INTERACTIONS are kept in the `sequences`
 table, counted in the build summary and left out of every split.
@@ -156,56 +157,90 @@ def _first_timestamp(rows) -> int:
     return int(values[0]) if len(values) else 0
 
 
-def _history_ends(starts: np.ndarray, lengths: np.ndarray, split: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat index where each example's history ends (exclusive) = its target, flat start of its user)."""
+def default_stride(max_len: int) -> int:
+    """Mode "all": targets a window adds to the next one's (half a window: each target keeps >= L/2 context)."""
+    return max(1, max_len // 2)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Where each example's history lies in the flat item array of its batch of users."""
+
+    hist_end: np.ndarray  # flat index where the history ends (exclusive) = its target
+    user_start: np.ndarray  # flat index of its user's first item
+    first_target: np.ndarray | None = None  # mode "all": flat index of the window's first counted target
+
+
+def _windows(starts: np.ndarray, lengths: np.ndarray, max_len: int, stride: int) -> Examples:
+    """Mode "all": each user's training targets 1..T (T = length - 3), each trained by exactly one window.
+
+    Window k ends at target T - k * stride, holds up to max_len items before it and trains on its last
+    `stride` targets; the user's earliest window (the first that starts at the user's first item) trains on
+    all of its targets. So a target's context is the one `last` mode gives it, cut to the window: at least
+    max_len - stride + 1 items (all of them when the history is shorter), and stride 1 is `last` mode.
+    """
+    targets = np.where(lengths >= MIN_INTERACTIONS + 1, lengths - MIN_INTERACTIONS, 0)  # T per user
+    windows = np.where(targets > 0, 1 + -(-np.maximum(targets - max_len, 0) // stride), 0)
+    user = np.repeat(np.arange(len(lengths)), windows)
+    k = np.arange(windows.sum()) - np.repeat(np.cumsum(windows) - windows, windows)
+    last_target = targets[user] - k * stride  # relative to the user's first item
+    first_target = np.where(k == windows[user] - 1, 1, last_target - stride + 1)
+    return Examples(starts[user] + last_target, starts[user], starts[user] + first_target)
+
+
+def _examples(starts: np.ndarray, lengths: np.ndarray, split: str, mode: str, max_len: int,
+              stride: int) -> Examples:
     eligible = lengths >= MIN_INTERACTIONS
     ends = starts + lengths
     if split == "test":
-        return ends[eligible] - 1, starts[eligible]
+        return Examples(ends[eligible] - 1, starts[eligible])
     if split == "valid":
-        return ends[eligible] - 2, starts[eligible]
-    if mode == "all":  # one example per user: the training part shifted by one
-        keep = lengths >= MIN_INTERACTIONS + 1
-        return ends[keep] - 3, starts[keep]
+        return Examples(ends[eligible] - 2, starts[eligible])
+    if mode == "all":
+        return _windows(starts, lengths, max_len, stride)
     # mode "last": every prefix of the training part predicts its next item
     counts = np.where(eligible, lengths - MIN_INTERACTIONS, 0)
     user = np.repeat(np.arange(len(lengths)), counts)
     step = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return starts[user] + 1 + step, starts[user]
+    return Examples(starts[user] + 1 + step, starts[user])
 
 
-def make_examples(rows, split: str, max_len: int, mode: str = "last", t0: int | None = None) -> dict[str, np.ndarray]:
+def make_examples(rows, split: str, max_len: int, mode: str = "last", t0: int | None = None,
+                  stride: int | None = None) -> dict[str, np.ndarray]:
     """Leave-one-out examples from `sequences` rows (a Ray Data batch, a pyarrow table or a dict of lists).
 
     split "train": mode "last" = one example per prefix of the training part (RecBole-style augmentation);
-    mode "all" = one example per user whose history is the training part minus its last item, with
-    `target_seq`. "valid": history = all but the last two, target = second to last. "test": history = all
-    but the last, target = last. `t0` defaults to the rows' `first_timestamp`.
+    mode "all" = windows of up to max_len items over the training part with `target_seq`, every training
+    target counted in exactly one window (see _windows; `stride` defaults to default_stride(max_len)).
+    "valid": history = all but the last two, target = second to last. "test": history = all but the last,
+    target = last. `t0` defaults to the rows' `first_timestamp`.
     """
     if split not in SPLITS or mode not in MODES:
         raise ValueError(f"split must be one of {SPLITS} and mode one of {MODES}, got {split!r}, {mode!r}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    stride = default_stride(max_len) if stride is None else stride
+    if max_len < 1 or not 1 <= stride <= max_len:
+        raise ValueError(f"max_len must be >= 1 and stride in 1..max_len, got {max_len}, {stride}")
     items, lengths = _ragged(rows["item_idx"])
     times, _ = _ragged(rows["timestamps"])
     items, times = items.astype(np.int64), times.astype(np.int64)
     t0 = _first_timestamp(rows) if t0 is None else t0
     starts = np.cumsum(lengths) - lengths
 
-    hist_end, user_start = _history_ends(starts, lengths, split, mode)
-    seq_len = np.minimum(hist_end - user_start, max_len)
+    examples = _examples(starts, lengths, split, mode, max_len, stride)
+    seq_len = np.minimum(examples.hist_end - examples.user_start, max_len)
     positions = np.arange(max_len)
     padding = positions[None, :] >= seq_len[:, None]
-    flat = (hist_end - seq_len)[:, None] + positions[None, :]
+    flat = (examples.hist_end - seq_len)[:, None] + positions[None, :]
     flat[padding] = 0  # any valid index; zeroed below (in place: these arrays are B x L)
     batch = {"item_seq": items[flat], "time_seq": times[flat] - t0}
-    if split == "train" and mode == "all":
+    if examples.first_target is not None:
         flat += 1  # within a user: the history ends before the user's training target
         batch["target_seq"] = items[flat]
+        batch["target_seq"][flat < examples.first_target[:, None]] = 0  # an earlier window trains these
     for name in list(batch):
         batch[name][padding] = 0
     batch["seq_len"] = seq_len.astype(np.int64)
-    batch["target"] = items[hist_end]
+    batch["target"] = items[examples.hist_end]
     return batch
 
 
@@ -228,13 +263,19 @@ def max_interval_index(rows, split: str = "train", scale: float = 100.0) -> int:
     return int(np.floor(scale * np.log2(gaps.astype(np.float64) + 1)).max()) + 1
 
 
-def split_counts(rows, max_len: int) -> dict[str, int]:
-    """What make_examples will yield at `max_len`, from the sequence lengths alone (cheap to print)."""
+def split_counts(rows, max_len: int, stride: int | None = None) -> dict[str, int]:
+    """What make_examples will yield at `max_len` (and `stride`), from the sequence lengths alone (cheap to print).
+
+    Both training modes train on the same targets, "train_examples_last" of them; "all" packs them into
+    fewer examples (windows).
+    """
     _, lengths = _ragged(rows["item_idx"])
     eligible = lengths >= MIN_INTERACTIONS
+    targets = int(np.maximum(lengths[eligible] - MIN_INTERACTIONS, 0).sum())
+    stride = default_stride(max_len) if stride is None else stride
     return {
-        "train_examples_last": int(np.maximum(lengths[eligible] - MIN_INTERACTIONS, 0).sum()),
-        "train_examples_all": int((lengths > MIN_INTERACTIONS).sum()),
+        "train_examples_last": targets,
+        "train_examples_all": len(_windows(np.zeros_like(lengths), lengths, max_len, stride).hist_end),
         "valid_examples": int(eligible.sum()),
         "test_examples": int(eligible.sum()),
         "test_histories_truncated": int((lengths[eligible] - 1 > max_len).sum()),

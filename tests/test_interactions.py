@@ -313,8 +313,43 @@ def test_make_examples_train_all_has_next_item_targets():
     assert out["target_seq"].tolist() == [[2, 3, 4, 0, 0]]
     assert out["time_seq"].tolist() == [[0, 10, 20, 0, 0]]
     assert out["seq_len"].tolist() == [3] and out["target"].tolist() == [4]
+    # a window per stride: the later window trains on its last target only, the earliest on all of its own
     short = make_examples(pa.table(HAND), "train", max_len=2, mode="all")
-    assert short["item_seq"].tolist() == [[2, 3]] and short["target_seq"].tolist() == [[3, 4]]
+    assert short["item_seq"].tolist() == [[2, 3], [1, 2]] and short["target_seq"].tolist() == [[0, 4], [2, 3]]
+    assert short["target"].tolist() == [4, 3] and short["seq_len"].tolist() == [2, 2]
+
+
+def trained_targets(examples) -> dict[int, tuple[int, ...]]:
+    """target item -> the history (items before it) the example gives it; each target at most once."""
+    seen = {}
+    targets = examples.get("target_seq")
+    for row, history in enumerate(examples["item_seq"]):
+        positions = range(len(history)) if targets is not None else [examples["seq_len"][row] - 1]
+        for i in positions:
+            target = targets[row, i] if targets is not None else examples["target"][row]
+            if target:
+                assert target not in seen, f"target {target} trained twice"
+                seen[target] = tuple(history[: i + 1][history[: i + 1] > 0])
+    return seen
+
+
+@pytest.mark.parametrize("max_len, stride", [(5, 1), (5, 2), (5, 5), (8, 3), (50, 25)])
+def test_train_mode_all_trains_every_target_of_last_mode_once_with_its_context_cut_to_the_window(max_len, stride):
+    rng = np.random.default_rng(max_len * 100 + stride)
+    lengths = [1, 2, 3, 4, 5, 9, 17, 60, 121] + rng.integers(1, 80, 20).tolist()
+    rows = {"item_idx": [[user * 1000 + i + 1 for i in range(n)] for user, n in enumerate(lengths)],  # unique ids
+            "timestamps": [list(range(n)) for n in lengths], "first_timestamp": [0] * len(lengths)}
+    last = trained_targets(make_examples(rows, "train", max_len, mode="last"))
+    examples = make_examples(rows, "train", max_len, mode="all", stride=stride)
+    every = trained_targets(examples)
+    assert every.keys() == last.keys()  # every target of `last` mode, each once
+    assert len(examples["target"]) == split_counts(pa.table(rows), max_len, stride)["train_examples_all"]
+    for target, context in every.items():
+        full = last[target]
+        assert full[len(full) - len(context):] == context  # the same items right before the target
+        assert len(context) >= min(len(full), max_len - stride + 1)
+        if stride == 1:
+            assert context == full
 
 
 def test_make_examples_valid_and_test_keep_the_most_recent_items():
