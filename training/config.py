@@ -17,7 +17,7 @@ from featurestore import store
 from featurestore.sequences import MODES
 from recmodels import MODELS
 from recmodels.metrics import DEFAULT_KS
-from training.precision import precision_problem
+from training.precision import PRECISIONS, precision_problem
 
 DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 
@@ -34,35 +34,61 @@ CHANGEABLE_ON_RESUME = frozenset({
 
 @dataclass
 class TrainConfig:
-    model: str = "sasrec"
-    model_config: dict[str, Any] = field(default_factory=dict)  # hidden_size, n_layers, dropout, ...
-    db: str = store.DEFAULT_DB  # LanceDB URI with items, interactions, sequences
-    dataset: str | None = None  # the interaction source the store must hold; ml-1m/ml-100k: built if absent
-    storage: str = DEFAULT_STORAGE  # results and checkpoints: a directory or a URI (s3://, gs://)
-    name: str | None = None  # run name = run id; None -> "<model>-<timestamp>"
-    resume: bool = False  # continue the run `name` from its last checkpoint
-    epochs: int = 200
-    batch_size: int = 256  # global: each worker takes batch_size / num_workers
-    sort_window: int = 8  # training rows are sorted by history length within windows of this many batches
-    precision: str = "fp32"  # training autocast "bf16" or "fp16" (CUDA only); see training.precision
-    eval_batch_size: int = 256  # per worker; memory is eval_batch_size x n_items scores
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_len: int = 50  # history length L (also the model's position table)
-    seed: int = 42
-    train_mode: str = "all"  # "all": one causal pass per user, CE at every position; "last": every prefix
-    patience: int = 10  # epochs without a gain in the monitored validation metric before stopping
-    time_budget_s: float | None = None  # stop after the epoch in which the training seconds reach this
-    monitor: str = "ndcg@20"  # validation metric for early stopping and the best checkpoint
-    ks: tuple[int, ...] = DEFAULT_KS  # cut-offs of HR/NDCG/MRR
-    mask_history: bool = False  # False = RecBole convention: items already in the history still rank
-    num_workers: int = 1
-    cpus_per_worker: float | None = None  # None: what the cluster has, minus Ray Data's share, evenly
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int | None = None  # torch intra-op threads; None: the worker's CPU count, rounded
-    max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
-    vectors_table: str | None = None  # None: item_vectors, or item_vectors_<D> if that holds another width
-    fail_at: dict[str, Any] | None = None  # tests only: {"epoch", "step", "rank", "marker"}, see training.loop
+    """Every field is a flag of flows/train.py (training.cli): the type from its annotation, the help and any
+    choices from its metadata; metadata {"cli": False} keeps a field off the command line."""
+
+    model: str = field(default="sasrec", metadata={"help": "the sequential recommender", "choices": sorted(MODELS)})
+    model_config: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})  # the model flags fill it
+    db: str = field(default=store.DEFAULT_DB,
+                    metadata={"help": "LanceDB URI with the tables items, interactions and sequences"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "the interaction source the store must hold; a built-in one (ml-1m, ml-100k) is built into a store "
+                "without interactions"})
+    storage: str = field(default=DEFAULT_STORAGE,
+                         metadata={"help": "checkpoints and results: a directory or URI (s3://, gs://)"})
+    name: str | None = field(default=None,
+                             metadata={"help": "run name and id", "shown_default": "<model>-<date>-<time>"})
+    resume: bool = field(default=False, metadata={"help": "continue run --name from its last checkpoint"})
+    epochs: int = field(default=200, metadata={"help": "most training epochs"})
+    batch_size: int = field(default=256, metadata={"help": "global, split across the workers"})
+    sort_window: int = field(default=8, metadata={
+        "help": "batches of shuffled training rows sorted by history length together, so each batch is cut to "
+                "its longest history; 1: batches as shuffled"})
+    precision: str = field(default="fp32", metadata={
+        "help": "training autocast: bf16 (GPUs, and CPUs with AVX512-BF16/AMX; others emulate it slowly) or fp16 "
+                "(GPUs); evaluation always scores in float32", "choices": list(PRECISIONS)})
+    eval_batch_size: int = field(default=256, metadata={
+        "help": "per worker; a batch scores all items for each of its rows"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    max_len: int = field(default=50, metadata={"help": "history length L (also the model's position table)"})
+    seed: int = field(default=42, metadata={
+        "help": "the initial weights; with the worker rank and epoch, shuffling and dropout"})
+    train_mode: str = field(default="all", metadata={
+        "help": "all: CE at every position of one pass per user; last: every prefix is an example",
+        "choices": MODES})
+    patience: int = field(default=10, metadata={
+        "help": "early stop after this many epochs without a gain in the monitored metric"})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "stop after the epoch in which training time reaches this many seconds"})
+    monitor: str = field(default="ndcg@20", metadata={
+        "help": "validation metric for early stopping and the best checkpoint: hr, ndcg or mrr @ one of --ks"})
+    ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata={"help": "cut-offs of the HR/NDCG/MRR metrics"})
+    mask_history: bool = field(default=False, metadata={
+        "help": "rank history items last at evaluation (unset: RecBole's convention, history items still rank)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    cpus_per_worker: float | None = field(default=None, metadata={
+        "help": "CPUs each worker reserves", "shown_default": "the cluster's CPUs minus Ray Data's share, evenly"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs each worker reserves; 0 on CPU machines"})
+    threads_per_worker: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads per worker", "shown_default": "its CPUs, rounded"})
+    max_failures: int = field(default=1, metadata={
+        "help": "worker-group restarts from the last checkpoint before the run fails"})
+    vectors_table: str | None = field(default=None, metadata={
+        "help": "table for the trained item vectors",
+        "shown_default": "item_vectors, or item_vectors_<D> when item_vectors holds another width D"})
+    # tests only: {"epoch", "step", "rank", "marker"}, see training.loop
+    fail_at: dict[str, Any] | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
