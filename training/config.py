@@ -65,7 +65,8 @@ class TrainConfig:
     seed: int = field(default=42, metadata={
         "help": "the initial weights; with the worker rank and epoch, shuffling and dropout"})
     train_mode: str = field(default="all", metadata={
-        "help": "all: CE at every position of one pass per user; last: every prefix is an example",
+        "help": "all: CE at every position of windows of --max-len items, each training target in one window; "
+                "last: every prefix is an example",
         "choices": MODES})
     patience: int = field(default=10, metadata={
         "help": "early stop after this many epochs without a gain in the monitored metric"})
