@@ -2,13 +2,13 @@
 
 Formats: generic Parquet / JSONL / CSV (`item_id` required; `title`, `description`, `categories` as a list or
 `|`-separated text, `image` as a local path, file:// or http(s):// URL, or `image_bytes`), the built-in
-MovieLens catalogs (`ml-1m`, `ml-100k`) and Amazon Reviews 2023 item metadata JSONL.
+MovieLens catalogs (`ml-1m`, `ml-100k`) and Amazon Reviews 2023 item metadata JSONL; `featurestore.formats` tells
+which from the name.
 """
 from __future__ import annotations
 
 import base64
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-FORMATS = ("auto", "parquet", "jsonl", "csv", "amazon2023", "ml-1m", "ml-100k")
-BUILTIN = ("ml-1m", "ml-100k")
+from featurestore.formats import BUILTIN, detect_format, jsonl_records
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -121,21 +120,9 @@ def normalise(records, source: str, base_dir: Path | None) -> Catalog:
     return Catalog(source, pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), rejects)
 
 
-def _jsonl_records(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                yield record if isinstance(record, dict) else ValueError(f"line {n + 1} is not a JSON object")
-            except json.JSONDecodeError as e:
-                yield ValueError(f"line {n + 1} is not valid JSON: {e.msg}")
-
-
 def _amazon2023_records(path: Path):
     """Amazon Reviews 2023 item metadata: parent_asin, title, features, description, categories, images[].large."""
-    for rec in _jsonl_records(path):
+    for rec in jsonl_records(path):
         if isinstance(rec, Exception):
             yield rec
             continue
@@ -165,21 +152,9 @@ def _movielens_records(name: str):
         yield {"item_id": item["item_id"], "title": title, "categories": item["genres"]}
 
 
-def detect_format(catalog: str) -> str:
-    if catalog in BUILTIN:
-        return catalog
-    suffixes = Path(catalog).suffixes
-    for suffix, fmt in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv")):
-        if suffix in suffixes:
-            return fmt
-    raise CatalogError(f"cannot tell the format of {catalog!r} from its name; pass --format ({', '.join(FORMATS[1:])})")
-
-
 def read_catalog(catalog: str, fmt: str = "auto", limit: int | None = None) -> Catalog:
     """Read any supported catalog; `limit` keeps its first rows (for trials)."""
-    if fmt not in FORMATS:
-        raise CatalogError(f"unknown catalog format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    fmt = detect_format(catalog) if fmt == "auto" else fmt
+    fmt = detect_format(catalog, fmt, CatalogError)
     if fmt in BUILTIN:
         records, source, base_dir = _movielens_records(fmt), fmt, None
     else:
@@ -195,7 +170,7 @@ def read_catalog(catalog: str, fmt: str = "auto", limit: int | None = None) -> C
         elif fmt == "amazon2023":
             records = _amazon2023_records(path)
         else:
-            records = _jsonl_records(path)
+            records = jsonl_records(path)
     if limit is not None:
         records = itertools.islice(records, limit)
     return normalise(records, source, base_dir)

@@ -8,7 +8,6 @@ Re-importing a source replaces its rows and its rejects.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featurestore import movielens, store
+from featurestore.formats import detect_format, jsonl_records
 from featurestore.sequences import ItemIndex
 from featurestore.store import sql_string
 
-FORMATS = ("auto", "parquet", "csv", "jsonl", "amazon2023", "ml-1m", "ml-100k")
 COLUMNS = ("user_id", "item_id", "timestamp")
 MS_THRESHOLD = 1e11  # as seconds that is the year 5138, as milliseconds March 1973
 
@@ -67,36 +66,6 @@ class RawInteractions:
     timestamp_unit: str | None = None  # "s" / "ms" when the format says so; None = detect
 
 
-def _first_record(path: Path) -> dict | None:
-    with pd.io.common.get_handle(path, "r", encoding="utf-8", compression="infer") as handle:
-        line = next((line for line in handle.handle if line.strip()), "")
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def detect_format(source: str, fmt: str = "auto") -> str:
-    """The format named, or the one the source's name (and, for JSONL, its first record) shows."""
-    if fmt not in FORMATS:
-        raise InteractionSourceError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt != "auto":
-        return fmt
-    if source in movielens.SOURCES:
-        return source
-    suffixes = [s.lower() for s in Path(source).suffixes if s.lower() not in (".gz", ".bz2", ".zst")]
-    by_suffix = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-    if not suffixes or suffixes[-1] not in by_suffix:
-        raise InteractionSourceError(f"cannot tell the format of {source!r} from its name; pass --format")
-    fmt = by_suffix[suffixes[-1]]
-    if fmt == "jsonl" and Path(source).is_file():
-        record = _first_record(Path(source)) or {}
-        if "parent_asin" in record and "item_id" not in record:
-            return "amazon2023"
-    return fmt
-
-
 def _require_columns(names, source: str) -> None:
     missing = [c for c in COLUMNS if c not in names]
     if missing:
@@ -107,27 +76,17 @@ def _jsonl_frame(path: Path, item_key: str) -> tuple[pd.DataFrame, np.ndarray]:
     """JSONL line by line, keeping only the three fields, so review texts never pile up in memory."""
     wanted = ("user_id", item_key, "timestamp")
     records, errors = [], []
-    with pd.io.common.get_handle(path, "r", encoding="utf-8", compression="infer") as handle:
-        for number, line in enumerate(handle.handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:
-                records.append({})
-                errors.append(f"line {number}: {e}")
-                continue
-            records.append({k: record[k] for k in wanted if k in record})
-            errors.append(None)
+    for record in jsonl_records(path):
+        unreadable = isinstance(record, ValueError)
+        records.append({} if unreadable else {k: record[k] for k in wanted if k in record})
+        errors.append(str(record) if unreadable else None)
     frame = pd.DataFrame.from_records(records).rename(columns={item_key: "item_id"})
     return frame, np.array(errors, dtype=object)
 
 
 def read_source(source: str, fmt: str = "auto") -> RawInteractions:
     """The source's user_id, item_id and raw timestamp columns, one row per input row, in input order."""
-    fmt = detect_format(source, fmt)
+    fmt = detect_format(source, fmt, InteractionSourceError)
     if fmt in movielens.SOURCES:
         frame = movielens.load_interactions(fmt)[list(COLUMNS)]
         return RawInteractions(frame, np.full(len(frame), None, dtype=object), "s")
@@ -235,7 +194,7 @@ def import_interactions(db, source: str, fmt: str = "auto", kcore: int | None = 
     `source_name` (default: the built-in name or the file's absolute path) is what `source` columns hold.
     `kcore` = k keeps only the iterative k-core of users and items (None/0 = off).
     """
-    fmt = detect_format(source, fmt)
+    fmt = detect_format(source, fmt, InteractionSourceError)
     name = source_name or (source if fmt in movielens.SOURCES else str(Path(source).resolve()))
     raw = read_source(source, fmt)
     index = ItemIndex.from_db(db)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, a
 
 from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 from featurestore import store  # noqa: E402
-from featurestore.catalogs import FORMATS  # noqa: E402
+from featurestore.formats import FORMATS  # noqa: E402
 from featurestore.encode import DEFAULT_TEMPLATE  # noqa: E402
 
 

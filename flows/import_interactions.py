@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
 from featurestore import store  # noqa: E402
-from featurestore.interactions import FORMATS  # noqa: E402
+from featurestore.formats import FORMATS  # noqa: E402
 
 
 def parse_args(argv=None):

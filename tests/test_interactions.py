@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featurestore import movielens, store
+from featurestore.catalogs import read_catalog
 from featurestore.interactions import InteractionSourceError, import_interactions, kcore_mask, parse_timestamps
 from featurestore.sequences import (
     ItemIndex,
@@ -152,8 +153,35 @@ def write_source(path: Path, kind: str, rows: list[dict]) -> Path:
     elif kind == "parquet":
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
     else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pa.output_stream(str(path), compression="detect") as out:  # gzip for a .gz name
+            out.write("".join(json.dumps(r) + "\n" for r in rows).encode())
     return path
+
+
+@pytest.mark.parametrize("suffix, kind", [
+    (".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+    (".csv", "csv"), (".csv.gz", "csv"), (".parquet", "parquet"), (".pq", "parquet"),
+])
+def test_catalogs_and_interactions_read_the_same_file_names(tmp_path, suffix, kind):
+    items = write_source(tmp_path / f"items{suffix}", kind, [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"}])
+    catalog = read_catalog(str(items))
+    assert catalog.rows.column("item_id").to_pylist() == ["a", "b"] and not catalog.rejects
+    events = write_source(tmp_path / f"events{suffix}", kind, [{"user_id": "u", "item_id": "a", "timestamp": 1},
+                                                               {"user_id": "u", "item_id": "b", "timestamp": 2}])
+    summary = import_interactions(new_db(tmp_path / "db", ["a", "b"]), str(events))
+    assert (summary.input_rows, summary.imported) == (2, 2)
+
+
+def test_catalogs_and_interactions_both_detect_amazon2023_jsonl(tmp_path):
+    meta = write_source(tmp_path / "meta.jsonl.gz", "jsonl", [
+        {"parent_asin": "B01", "title": "Lamp", "features": ["brass"], "description": ["tall"], "images": []}])
+    catalog = read_catalog(str(meta))
+    assert catalog.rows.select(["item_id", "description"]).to_pylist() == [{"item_id": "B01", "description": "brass tall"}]
+    reviews = write_source(tmp_path / "reviews.jsonl.gz", "jsonl", [
+        {"user_id": "U1", "asin": "X", "parent_asin": "B01", "timestamp": 1588687728923}])
+    db = new_db(tmp_path / "db", ["B01"])
+    assert import_interactions(db, str(reviews)).imported == 1
+    assert list(stored(db)["item_id"]) == ["B01"] and list(stored(db)["timestamp"]) == [1588687728]
 
 
 @pytest.mark.parametrize(
