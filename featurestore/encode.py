@@ -17,7 +17,6 @@ from featurestore import store
 from featurestore.catalogs import Catalog
 
 DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
-INDEX_MIN_ROWS = 10_000  # below this, exact search is a few milliseconds and an ANN index only costs recall
 WRITE_CHUNK_ROWS = 8192  # rows per merge_insert: each one is a new table version
 
 
@@ -85,7 +84,7 @@ class EncodeSettings:
     gpus_per_actor: float | None = None  # None: use GPUs if the cluster has them
     image_timeout_s: float = 10.0
     image_retries: int = 2
-    index_min_rows: int = INDEX_MIN_ROWS
+    index_min_rows: int = store.INDEX_MIN_ROWS
 
 
 @dataclass
@@ -360,7 +359,8 @@ class EncodeJob:
         summary.image_failures = sum(r["stage"] == "image" for r in rejects)
         summary.rejected_whole = len(rejects) - summary.image_failures + still_rejected
         store.record_rejects(self.db, self.rejects_table, rejects)
-        summary.indexed = ensure_indexes(store.open_table(self.db, self.table_name, required=False), self.settings.index_min_rows)
+        table = store.open_table(self.db, self.table_name, required=False)
+        summary.indexed = [] if table is None else ensure_indexes(table, self.settings.index_min_rows)
         return summary
 
 
@@ -371,21 +371,9 @@ def _column_map(db, table_name: str, key: str, value: str, where: str | None = N
     return dict(zip(data.column(key).to_pylist(), data.column(value).to_pylist()))
 
 
-def ensure_indexes(table, min_rows: int) -> list[str]:
-    """An ANN index on each vector column once the table is big enough; later runs fold new rows into it."""
-    if table is None or table.count_rows() < min_rows:
-        return []
-    indexed = {col for index in table.list_indices() for col in index.columns}
-    done = []
-    for column in ("text_emb", "image_emb"):
-        if table.count_rows(f"{column} IS NOT NULL") < min_rows:
-            continue
-        if column in indexed:
-            table.optimize()
-        else:
-            table.create_index(column, config=store.vector_index("cosine"))
-        done.append(column)
-    return done
+def ensure_indexes(table, min_rows: int = store.INDEX_MIN_ROWS) -> list[str]:
+    """The items table's ANN indices: both embedding columns, compared by cosine as the queries do."""
+    return store.ensure_indexes(table, ("text_emb", "image_emb"), "cosine", min_rows)
 
 
 def encode_catalog(

@@ -1,4 +1,4 @@
-"""The LanceDB feature store: connection, table names and the upsert/reject helpers every writer shares."""
+"""The LanceDB feature store: connection, table names and the upsert, reject and index helpers every writer shares."""
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +33,7 @@ REJECTS_SCHEMA = pa.schema(
 # bench/results/ann_query.md): HNSW-SQ searched with ef = 3k finds 98.8 % of the exact top 10 at 4.2 ms p50;
 # IVF-PQ as LanceDB searches it by default finds 59 % (99 % only with refine_factor 10, at 8.3 ms).
 ANN_EF_PER_RESULT = 3
+INDEX_MIN_ROWS = 10_000  # below this, exact search is a few milliseconds and an ANN index only costs recall
 
 
 def vector_index(metric: str):
@@ -40,6 +41,29 @@ def vector_index(metric: str):
     import lancedb
 
     return lancedb.index.HnswSq(distance_type=metric)
+
+
+def ensure_indexes(table, vector_columns, metric: str, min_rows: int = INDEX_MIN_ROWS, scalar_columns=()) -> list[str]:
+    """An ANN index (`vector_index(metric)`) on each vector column once it holds `min_rows` vectors, with a BTree
+    on each scalar column queries filter by; later calls fold new rows into the indices. Returns the indexed
+    vector columns."""
+    import lancedb
+
+    if table.count_rows() < min_rows:
+        return []
+    ready = [column for column in vector_columns if table.count_rows(f"{column} IS NOT NULL") >= min_rows]
+    if not ready:
+        return []
+    indexed = {column for index in table.list_indices() for column in index.columns}
+    if indexed:
+        table.optimize()  # folds the rows added since into the existing indices
+    for column in ready:
+        if column not in indexed:
+            table.create_index(column, config=vector_index(metric))
+    for column in scalar_columns:
+        if column not in indexed:
+            table.create_index(column, config=lancedb.index.BTree())
+    return ready
 
 
 def nearest(query, k: int):

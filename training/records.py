@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from featurestore import store
-from featurestore.encode import INDEX_MIN_ROWS
+from featurestore.store import INDEX_MIN_ROWS
 from featurestore.sequences import sql_string
 
 RUNS = "runs"
@@ -119,23 +119,8 @@ def write_item_vectors(db, table_name: str, run_id: str, item_ids, vectors: np.n
         check_vectors_table(db, table_name, dim)
         table.delete(f"run_id = {sql_string(run_id)}")
         table.add(data)
-    return ensure_vector_index(table)
-
-
-def ensure_vector_index(table) -> bool:
-    """An ANN index (store.vector_index) on `vector` from INDEX_MIN_ROWS rows on (below that exact search
-    takes milliseconds), and a scalar index on run_id (every query filters by run)."""
-    import lancedb
-
-    if table.count_rows() < INDEX_MIN_ROWS:
-        return False
-    indexed = {column for index in table.list_indices() for column in index.columns}
-    if "vector" in indexed:
-        table.optimize()  # folds the new rows into the existing indices
-    else:
-        table.create_index("vector", config=store.vector_index(VECTOR_METRIC))
-        table.create_index("run_id", config=lancedb.index.BTree())
-    return True
+    # run_id gets a scalar index too: every query of these vectors filters by run
+    return bool(store.ensure_indexes(table, ["vector"], VECTOR_METRIC, INDEX_MIN_ROWS, scalar_columns=["run_id"]))
 
 
 def learning_curves_png(history: list[dict], monitor_key: str, title: str) -> bytes:
