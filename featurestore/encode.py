@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from featurestore import store
 from featurestore.catalogs import Catalog
+from featurestore.raycluster import DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data
 
 DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
 WRITE_CHUNK_ROWS = 8192  # rows per merge_insert: each one is a new table version
@@ -130,28 +131,21 @@ class ActorResources:
 
 
 def plan_resources(cluster_cpus: float, cluster_gpus: float, stages: int, actors: int | None, gpus_per_actor: float | None) -> ActorResources:
-    """CPU/GPU requests for each encoder stage's actor pool that always leave CPU for the fetch/read tasks.
-
-    An actor pool holding every CPU starves the tasks that feed it and Ray Data then hangs without an error
-    (seen on 2-core machines), so this refuses such a plan instead.
-    """
-    task_reserve = 0.5
+    """CPU/GPU requests for each encoder stage's actor pool that always leave CPU for the fetch/read tasks
+    (featurestore.raycluster: a pool holding every CPU hangs Ray Data); a ResourcePlanError for a plan that cannot."""
     if gpus_per_actor is None:
         gpus_per_actor = min(1.0, cluster_gpus / stages) if cluster_gpus else 0.0
     if gpus_per_actor > 0:
         actors = actors or max(1, int(cluster_gpus // (gpus_per_actor * stages)))
         if gpus_per_actor * actors * stages > cluster_gpus + 1e-9:
-            raise ValueError(
+            raise ResourcePlanError(
                 f"{stages} encoder stage(s) x {actors} actor(s) x {gpus_per_actor} GPU need "
                 f"{gpus_per_actor * actors * stages:g} GPUs; the cluster has {cluster_gpus:g}"
             )
     actors = actors or 1
-    spare = cluster_cpus - task_reserve
-    if spare <= 0:
-        raise ValueError(f"the cluster has {cluster_cpus:g} CPUs; encoding needs at least 1")
-    cpus = min(1.0, spare / (actors * stages))
+    cpus = min(1.0, cpus_beside_ray_data(cluster_cpus, actors * stages, "encoding"))
     if cpus < 0.1:
-        raise ValueError(
+        raise ResourcePlanError(
             f"{actors} actor(s) per stage x {stages} stage(s) leave no CPU for the tasks that feed them on a "
             f"{cluster_cpus:g}-CPU cluster: use fewer --actors"
         )
@@ -281,7 +275,7 @@ class EncodeJob:
             from featurestore.images import ImageLoader
 
             loader = ImageLoader(self.image_config, s.image_timeout_s, s.image_retries)
-            ds = ds.map_batches(loader, batch_size=16, batch_format="numpy", num_cpus=0.25)
+            ds = ds.map_batches(loader, batch_size=16, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
             ds = ds.map_batches(ImageEmbedder, fn_constructor_args=(s.image_model, plan.torch_threads), **pool)
         ds = ds.map_batches(TextEmbedder, fn_constructor_args=(s.text_model, plan.torch_threads), **pool)
         return ds, with_images, plan

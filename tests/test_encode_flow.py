@@ -15,6 +15,7 @@ from featurestore import store
 from featurestore.catalogs import CatalogError
 from featurestore.encode import encode_catalog, plan_resources
 from featurestore.query import get_embeddings, similar_items
+from featurestore.raycluster import ResourcePlanError
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +182,9 @@ def test_resource_plan_never_starves_the_feeding_tasks():
     assert plan.torch_threads == 2  # each stage's actor may use both cores when the other stage waits
     gpu = plan_resources(cluster_cpus=16, cluster_gpus=4, stages=2, actors=None, gpus_per_actor=None)
     assert gpu.gpus == 1.0 and gpu.actors == 2
-    with pytest.raises(ValueError, match="GPUs"):
+    with pytest.raises(ResourcePlanError, match="GPUs"):
         plan_resources(cluster_cpus=16, cluster_gpus=1, stages=2, actors=2, gpus_per_actor=1)
-    with pytest.raises(ValueError, match="fewer --actors"):
+    with pytest.raises(ResourcePlanError, match="fewer --actors"):
         plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=8, gpus_per_actor=0)
+    with pytest.raises(ResourcePlanError, match="more than the 0.5 it keeps for Ray Data"):  # training's rule too
+        plan_resources(cluster_cpus=0.5, cluster_gpus=0, stages=1, actors=None, gpus_per_actor=None)

@@ -1,16 +1,16 @@
 """CPU/GPU budget of a training run: Train workers never take the CPU Ray Data needs to feed them.
 
-On a small machine the failure mode is a silent hang, not an error: 2 workers x 1 CPU on 2 cores leave
-Ray Data nothing to schedule its read tasks on, and the first batch never comes. So the plan gives the
-data tasks a fixed, small CPU request, keeps at least that much free, and refuses any plan that does not.
+The rule is featurestore.raycluster's, shared with the encoding flow: 2 workers x 1 CPU on 2 cores leave Ray
+Data nothing to schedule its read tasks on and the first batch never comes, so a plan keeps DATA_CPU_RESERVE
+free (at least DATA_TASK_CPUS when the CPUs per worker are given) and any other plan is refused.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-DATA_TASK_CPUS = 0.25  # every Ray Data read/transform task of a training run asks for this much
-DATA_CPU_RESERVE = 2 * DATA_TASK_CPUS  # what an automatic plan leaves free: a read and a transform at once
+# DATA_CPU_RESERVE and ResourcePlanError are re-exported: the training code names its budget through this module.
+from featurestore.raycluster import DATA_CPU_RESERVE, DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data  # noqa: F401
 
 
 # The training loop runs in a thread of the Ray Train worker, and glibc gives each thread its own malloc
@@ -26,10 +26,6 @@ DATA_CPU_RESERVE = 2 * DATA_TASK_CPUS  # what an automatic plan leaves free: a r
 # environment sets OMP_WAIT_POLICY (ACTIVE suits a machine given over to one worker).
 WORKER_ENV_VARS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30),
                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-
-
-class ResourcePlanError(ValueError):
-    """The requested workers cannot run on this cluster (or would starve the data pipeline)."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +66,7 @@ def plan_workers(cluster_cpus: float, cluster_gpus: float, largest_node_cpus: fl
             f"{num_workers} worker(s) x {gpus_per_worker:g} GPU need {num_workers * gpus_per_worker:g} GPUs; "
             f"the cluster has {cluster_gpus:g}. Use --gpus-per-worker 0 on a CPU machine")
     if cpus_per_worker is None:
-        cpus_per_worker = min((cluster_cpus - DATA_CPU_RESERVE) / num_workers, largest_node_cpus)
-        if cpus_per_worker <= 0:
-            raise ResourcePlanError(f"the cluster has {cluster_cpus:g} CPUs; training needs more than "
-                                    f"the {DATA_CPU_RESERVE:g} it keeps for Ray Data")
-        cpus_per_worker = round(cpus_per_worker, 3)
+        cpus_per_worker = round(min(cpus_beside_ray_data(cluster_cpus, num_workers, "training"), largest_node_cpus), 3)
     if cpus_per_worker > largest_node_cpus:
         raise ResourcePlanError(f"a worker asks for {cpus_per_worker:g} CPUs but the largest node has "
                                 f"{largest_node_cpus:g}")
