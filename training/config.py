@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from featurestore import store
-from featurestore.sequences import MODES
+from featurestore.sequences import MODES, default_stride
 from recmodels import MODELS
 from recmodels.metrics import DEFAULT_KS
 from training.precision import PRECISIONS, precision_problem
@@ -68,6 +68,10 @@ class TrainConfig:
         "help": "all: CE at every position of windows of --max-len items, each training target in one window; "
                 "last: every prefix is an example",
         "choices": MODES})
+    window_stride: int | None = field(default=None, metadata={
+        "help": "train_mode all: targets each window adds to the later one's; a target keeps at least max_len - "
+                "stride + 1 items of context (1: last mode's contexts, max_len: windows that do not overlap)",
+        "shown_default": "max_len // 2"})
     patience: int = field(default=10, metadata={
         "help": "early stop after this many epochs without a gain in the monitored metric"})
     time_budget_s: float | None = field(default=None, metadata={
@@ -107,6 +111,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "sort_window", "eval_batch_size", "max_len", "patience", "num_workers"):
             if getattr(self, name) < 1:
                 found.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window_stride is not None and not 1 <= self.window_stride <= self.max_len:
+            found.append(f"window_stride must be in 1..max_len ({self.max_len}), got {self.window_stride}")
         if self.batch_size < self.num_workers:
             found.append(f"batch_size {self.batch_size} is smaller than num_workers {self.num_workers}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -124,6 +130,11 @@ class TrainConfig:
         if reserved:
             found.append(f"model_config may not set {sorted(reserved)}: max_len and the data decide them")
         return found
+
+    @property
+    def stride(self) -> int:
+        """train_mode all's window stride, the default resolved."""
+        return default_stride(self.max_len) if self.window_stride is None else self.window_stride
 
     def metric_names(self) -> list[str]:
         return [f"{metric}@{k}" for k in self.ks for metric in ("hr", "ndcg", "mrr")]

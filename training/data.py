@@ -89,7 +89,7 @@ def ensure_dataset(db, dataset: str) -> None:
                                f"{sorted(movielens.SOURCES)})")
 
 
-def snapshot_store(db, max_len: int, train_mode: str, num_workers: int,
+def snapshot_store(db, max_len: int, train_mode: str, num_workers: int, stride: int | None = None,
                    interval_scale: float = 100.0) -> tuple[StoreSnapshot, ItemIndex]:
     """Pin the versions of items, interactions and sequences and check they can train a model."""
     tables = {}
@@ -101,7 +101,7 @@ def snapshot_store(db, max_len: int, train_mode: str, num_workers: int,
     index = ItemIndex.from_db(db)
     sequences = tables[SEQUENCES].to_lance()  # one Lance dataset object = one version, read consistently
     rows = sequences.to_table(columns=["item_idx", "timestamps"])
-    counts = split_counts(rows, max_len)
+    counts = split_counts(rows, max_len, stride)
     largest = pc.max(pc.list_flatten(rows.column("item_idx"))).as_py() or 0
     if largest > len(index):
         raise store.StoreError(f"sequences refer to item index {largest} but items holds {len(index)} items: "
@@ -134,7 +134,8 @@ def split_bytes(snapshot: StoreSnapshot, max_len: int, split: str, mode: str) ->
     return examples * max_len * EXAMPLE_BYTES_PER_POSITION
 
 
-def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int) -> dict:
+def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int,
+                     stride: int | None = None) -> dict:
     """{"train", "valid", "test"}: Ray datasets of leave-one-out examples from the pinned sequences.
 
     A split that fits in MATERIALIZE_SHARE of the object store is computed once, here, before the
@@ -150,7 +151,7 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
                                         columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS)
         users = users_per_block(snapshot, max_len, split, train_mode, num_workers)
         examples = sequences.map_batches(
-            make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode},
+            make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode, "stride": stride},
             batch_format="pyarrow", batch_size=users, num_cpus=DATA_TASK_CPUS)
         # one make_examples call = one block (Ray would otherwise merge small outputs up to 128 MiB)
         examples.context.target_max_block_size = BLOCK_BYTES

@@ -115,7 +115,7 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     if settings.dataset:
         ensure_dataset(db, settings.dataset)
     snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers,
-                                     interval_scale(settings.model_config))
+                                     settings.stride, interval_scale(settings.model_config))
     features, modalities = model_features(db, index, settings)
     snapshot.check_unchanged(db, store.ITEMS)
     meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
@@ -126,7 +126,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     plan = plan_for_cluster(settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
                             settings.threads_per_worker)
     print(f"run {run_dir.name}: {settings.model}, {snapshot.n_items} items, {snapshot.users} users, "
-          f"{snapshot.train_examples(settings.train_mode)} training sequences per epoch; {plan}", flush=True)
+          f"{snapshot.train_examples(settings.train_mode)} training sequences per epoch "
+          f"({snapshot.train_examples('last')} targets); {plan}", flush=True)
 
     trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks)
     run_dir.write_bytes(SETTINGS_FILE, json.dumps(settings.to_dict(), indent=1).encode())
@@ -266,7 +267,8 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
     )
     return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features),
                         scaling_config=plan.scaling_config(), run_config=run_config, dataset_config=data_config(),
-                        datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers))
+                        datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers,
+                                                  settings.stride))
 
 
 def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | None, index, base: dict,
