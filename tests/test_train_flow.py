@@ -20,7 +20,7 @@ import torch
 from featurestore import movielens, store
 from featurestore.encode import items_schema
 from featurestore.interactions import INTERACTIONS_SCHEMA
-from featurestore.sequences import make_examples, read_sequences
+from featurestore.sequences import make_examples, read_sequences, split_counts
 from recmodels import create_model
 from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
@@ -189,9 +189,11 @@ def no_workers(monkeypatch):
 
 
 def single_process_test_metrics(model, db, max_len: int, ks) -> dict[str, float]:
-    """Every test user scored in this process, in order: what the workers' all-reduced sums must equal."""
+    """Every test user scored in this process, in order, with history items ranked ("test_") and masked
+    ("test_masked_"): what the workers' all-reduced sums must equal."""
     examples = make_examples(read_sequences(db), "test", max_len)
-    return prefixed_means(ranking_sums(model, numpy_batches(examples, 256), ks), "test")
+    return {**prefixed_means(ranking_sums(model, numpy_batches(examples, 256), ks), "test"),
+            **prefixed_means(ranking_sums(model, numpy_batches(examples, 256), ks, mask_history=True), "test_masked")}
 
 
 # ---------------------------------------------------------------- bad input: clear errors, no workers
@@ -258,8 +260,9 @@ def test_short_run_metrics_are_finite_and_beat_an_untrained_model(sasrec_run, ml
     assert [m["epoch"] for m in result.history] == [1, 2]
     for metrics in result.history:
         assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
-        # 943 users; Ray's even split for DDP drops up to num_workers - 1 rows per epoch
-        assert 942 <= metrics["sequences"] <= 943 and metrics["sequences_per_s_per_worker"] > 0
+        # one window per 25 targets (L 50, stride 25); Ray's even split for DDP drops up to num_workers - 1 rows
+        windows = split_counts(read_sequences(ml100k), 50)["train_examples_all"]
+        assert windows - 1 <= metrics["sequences"] <= windows and metrics["sequences_per_s_per_worker"] > 0
     meta = checkpoint.read_meta(result.checkpoint)
     torch.manual_seed(0)
     untrained = create_model("sasrec", meta["model_config"], meta["n_items"]).eval()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,16 +25,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch import nn
 
 from recmodels import ItemFeatures, SequentialRecommender, create_model
 from training import checkpoint
 from training.checkpoint import Progress
 from training.config import TrainConfig
-from training.evaluate import all_reduce_sums, prefixed_means, ranking_sums
+from training.evaluate import all_reduce_sums
 from training.precision import grad_scaler
-from training.steps import (EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches, train_epoch, weights_copy,
-                            worker_seed)
+from training.steps import EVAL_SORT_WINDOW, EpochData, LossModel, Reporting, fit, weights_copy, worker_seed
 
 SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this many batches
 
@@ -56,24 +53,39 @@ def train_loop(config: dict) -> dict:
         optimizer.load_state_dict(optimizer_state)
     scaler = grad_scaler(settings.precision, ray.train.torch.get_device())  # fp16 only; restarts on resume
 
-    while not progress.finished:
-        epoch = progress.epoch + 1
-        failure = failure_injector(settings.fail_at, epoch, rank)
-        metrics = run_epoch(settings, model, trainer_model, optimizer, scaler, config["batch_size"], epoch, rank,
-                            failure)
-        if progress.record(metrics, settings):
-            best_weights = weights_copy(model)
-        metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
-        if rank == 0:  # not print(): Ray Train's patched print would show the line twice
-            sys.stdout.write(epoch_line(metrics, settings) + "\n")
-            sys.stdout.flush()
+    def epoch_done(metrics: dict, progress: Progress, best_weights: dict) -> None:
         report(metrics, progress, model, optimizer, best_weights, meta, rank)
 
-    model.load_state_dict(best_weights)
-    final = {"epoch": progress.epoch, "best_epoch": progress.best_epoch, settings.monitor_key: progress.best_value,
-             "stop_reason": progress.stop_reason, **evaluate_split(model, "test", "test", settings)}
+    reporting = Reporting(line=write_line, epoch_done=epoch_done,
+                          step_hook=lambda epoch: failure_injector(settings.fail_at, epoch, rank))
+    final = fit(model, trainer_model, optimizer, scaler, settings, shard_data(settings, config["batch_size"], rank),
+                progress, best_weights, reporting)
     ray.train.report(final)  # for Ray Tune; the driver gets rank 0's return value (Result.return_value)
     return final
+
+
+def write_line(line: str) -> None:
+    """Not print(): Ray Train's patched print would show the line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def shard_data(settings: TrainConfig, batch_size: int, rank: int) -> EpochData:
+    """This worker's Ray Data shards of the splits, and an all-reduce over the workers."""
+    device = ray.train.torch.get_device()
+
+    def train_windows(epoch: int):
+        return ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=settings.sort_window * batch_size, device=device,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_BATCHES, settings.sort_window) * batch_size,
+            local_shuffle_seed=worker_seed(settings, rank, epoch))
+
+    def eval_windows(split: str):
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
+            batch_size=EVAL_SORT_WINDOW * settings.eval_batch_size, device=device)
+
+    return EpochData(train_windows, eval_windows, batch_size, reduce=lambda sums: all_reduce_sums(sums, device),
+                     world_size=ray.train.get_context().get_world_size(), rank=rank)
 
 
 def restore(saved, model: SequentialRecommender, settings: TrainConfig) -> tuple[Progress, dict, dict | None]:
@@ -89,49 +101,6 @@ def restore(saved, model: SequentialRecommender, settings: TrainConfig) -> tuple
     progress.restored_at.append(progress.epoch)
     progress.update_stop(settings)
     return progress, best_weights, optimizer_state
-
-
-def run_epoch(settings: TrainConfig, model: SequentialRecommender, trainer_model: nn.Module,
-              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch_size: int, epoch: int,
-              rank: int, before_step: Callable[[int], None]) -> dict:
-    """Train on this worker's shard, validate, and return the metrics of all workers together."""
-    world = ray.train.get_context().get_world_size()
-    started = time.perf_counter()
-    windows = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=settings.sort_window * batch_size, device=ray.train.torch.get_device(),
-        local_shuffle_buffer_size=max(SHUFFLE_BUFFER_BATCHES, settings.sort_window) * batch_size,
-        local_shuffle_seed=worker_seed(settings, rank, epoch))
-    batches = length_sorted_batches(windows, batch_size, shuffle=True)
-    train = all_reduce_sums(train_epoch(trainer_model, optimizer, batches, before_step, settings.precision, scaler)
-                            | {"seconds": time.perf_counter() - started}, ray.train.torch.get_device())
-    trained = time.perf_counter()
-    validation = evaluate_split(model, "valid", "val", settings)
-    rows, train_s = train.pop("rows"), train.pop("seconds") / world  # mean over the workers
-    return {
-        "epoch": epoch,
-        **{name: value / rows for name, value in train.items()},
-        **validation,
-        "epoch_s": time.perf_counter() - started,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - trained,
-        "sequences": int(rows),
-        "sequences_per_s": rows / train_s,
-        "sequences_per_s_per_worker": rows / train_s / world,
-    }
-
-
-def evaluate_split(model: SequentialRecommender, split: str, prefix: str, settings: TrainConfig) -> dict[str, float]:
-    """Full-ranking metrics of `split` over all workers' shares, keys "<prefix>_<metric>".
-
-    Always in float32, whatever the training precision: bf16 scores (8-bit mantissa) would tie many items
-    and move the ranks.
-    """
-    device = ray.train.torch.get_device()
-    windows = ray.train.get_dataset_shard(split).iter_torch_batches(
-        batch_size=EVAL_SORT_WINDOW * settings.eval_batch_size, device=device)
-    batches = length_sorted_batches(windows, settings.eval_batch_size, shuffle=False)
-    sums = ranking_sums(model, batches, settings.ks, settings.mask_history)
-    return prefixed_means(all_reduce_sums(sums, device), prefix)
 
 
 def report(metrics: dict, progress: Progress, model: SequentialRecommender, optimizer: torch.optim.Optimizer,

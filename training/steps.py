@@ -1,19 +1,122 @@
-"""One training pass and the batching it uses, free of Ray: the Ray Train loop (training.loop) and a
-plain single-process loop (bench/ml1m_one_process.py, for a GPU machine without Ray) run the same steps.
+"""The training loop, free of Ray: `fit` trains to a stop and scores the best weights on the test split.
+
+Ray stays at the edges: the Ray Train workers (training.loop) give `fit` their data shards, an all-reduce
+and a checkpointing report; the one-process runner (bench/ml1m_one_process.py, for a GPU machine without
+Ray) gives it tensors in memory. A Ray Tune trial drives it through training.run. So every caller runs the
+same epochs, metrics, early stopping, best weights and epoch line.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from recmodels import SequentialRecommender
 from recmodels.base import trim_padding
+from training.checkpoint import Progress
 from training.config import TrainConfig
+from training.evaluate import prefixed_means, ranking_sums
 from training.precision import autocast
 
 EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class EpochData:
+    """Where `fit` gets its rows and how one worker's sums become everyone's.
+
+    train_windows(epoch): this worker's training rows, shuffled, in windows of sort_window x batch_size rows
+    eval_windows(split):  this worker's share of "valid" or "test", in windows of EVAL_SORT_WINDOW x eval_batch_size
+    batch_size:           training rows per step on this worker
+    reduce:               sums over all workers (an all-reduce); one process: the sums as they are
+    """
+
+    train_windows: Callable[[int], Iterable[Batch]]
+    eval_windows: Callable[[str], Iterable[Batch]]
+    batch_size: int
+    reduce: Callable[[dict[str, float]], dict[str, float]] = dict
+    world_size: int = 1
+    rank: int = 0
+
+
+@dataclass
+class Reporting:
+    """What `fit` tells its caller: each epoch's line (rank 0), each epoch's metrics and state (Ray: with a
+    checkpoint), and a hook before every training step (tests inject failures there)."""
+
+    line: Callable[[str], None] = print
+    epoch_done: Callable[[dict, Progress, dict], None] = lambda metrics, progress, best_weights: None
+    step_hook: Callable[[int], Callable[[int], None]] = lambda epoch: (lambda step: None)
+
+
+def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler, settings: TrainConfig, data: EpochData, progress: Progress,
+        best_weights: dict[str, torch.Tensor], reporting: Reporting) -> dict:
+    """Train until `progress` says stop (epochs, patience, time budget), then score the best weights on "test".
+
+    `trainer_model` is what the optimizer steps through (LossModel(model), DDP-wrapped under Ray Train);
+    `progress` and `best_weights` are a fresh start's or a restored checkpoint's. Returns the final metrics:
+    the stop, the best validation value, and test metrics under the run's mask_history ("test_...") and
+    with history items masked ("test_masked_...").
+    """
+    while not progress.finished:
+        epoch = progress.epoch + 1
+        metrics = train_and_validate(model, trainer_model, optimizer, scaler, settings, data, epoch,
+                                     reporting.step_hook(epoch))
+        if progress.record(metrics, settings):
+            best_weights = weights_copy(model)
+        metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
+        if data.rank == 0:
+            reporting.line(epoch_line(metrics, settings))
+        reporting.epoch_done(metrics, progress, best_weights)
+    model.load_state_dict(best_weights)
+    test = evaluate(model, data, "test", "test", settings, settings.mask_history)
+    masked = ({f"test_masked_{k[5:]}": v for k, v in test.items()} if settings.mask_history
+              else evaluate(model, data, "test", "test_masked", settings, mask_history=True))
+    return {"epoch": progress.epoch, "best_epoch": progress.best_epoch, settings.monitor_key: progress.best_value,
+            "stop_reason": progress.stop_reason, **test, **masked}
+
+
+def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler, settings: TrainConfig, data: EpochData, epoch: int,
+                       before_step: Callable[[int], None]) -> dict:
+    """One epoch: train on this worker's rows, validate, and return the metrics of all workers together."""
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    batches = length_sorted_batches(data.train_windows(epoch), data.batch_size, shuffle=True)
+    train = train_epoch(trainer_model, optimizer, batches, before_step, settings.precision, scaler)
+    if device.type == "cuda":  # the seconds are the work's, not the kernel launches'
+        torch.cuda.synchronize(device)
+    train = data.reduce(train | {"seconds": time.perf_counter() - started})
+    trained = time.perf_counter()
+    validation = evaluate(model, data, "valid", "val", settings, settings.mask_history)
+    rows, train_s = train.pop("rows"), train.pop("seconds") / data.world_size  # mean over the workers
+    return {
+        "epoch": epoch,
+        **{name: value / rows for name, value in train.items()},
+        **validation,
+        "epoch_s": time.perf_counter() - started,
+        "train_s": train_s,
+        "eval_s": time.perf_counter() - trained,
+        "sequences": int(rows),
+        "sequences_per_s": rows / train_s,
+        "sequences_per_s_per_worker": rows / train_s / data.world_size,
+    }
+
+
+def evaluate(model: SequentialRecommender, data: EpochData, split: str, prefix: str, settings: TrainConfig,
+             mask_history: bool) -> dict[str, float]:
+    """Full-ranking metrics of `split` over all workers' shares, keys "<prefix>_<metric>".
+
+    Always in float32, whatever the training precision: bf16 scores (8-bit mantissa) would tie many items
+    and move the ranks.
+    """
+    batches = length_sorted_batches(data.eval_windows(split), settings.eval_batch_size, shuffle=False)
+    return prefixed_means(data.reduce(ranking_sums(model, batches, settings.ks, mask_history)), prefix)
 
 
 class LossModel(nn.Module):
