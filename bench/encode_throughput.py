@@ -1,7 +1,7 @@
 """Encoding-flow throughput vs a bare in-process loop over the same encoder, batches and torch thread count.
 
-    RAY_AUTH_MODE=token .venv/bin/python bench/encode_throughput.py                       # defaults: 5000 text, 300 images
-    RAY_AUTH_MODE=token .venv/bin/python bench/encode_throughput.py --text-items 1000 --image-items 0
+    .venv/bin/python bench/encode_throughput.py                       # defaults: 5000 text, 300 images
+    .venv/bin/python bench/encode_throughput.py --text-items 1000 --image-items 0
 
 What is measured, per modality (text-only catalog; image catalog whose items also carry text):
 
@@ -11,8 +11,8 @@ What is measured, per modality (text-only catalog; image catalog whose items als
 * flow: `EncodeJob(db, table, settings).run(catalog)` into a fresh temporary LanceDB; steady state and start-up are
   the flow's own `EncodeSummary.steady_items_per_s` / `first_batch_seconds`.
 * ratio = bare steady items/s / flow steady items/s (the flow's overhead; the target for text is <= 1.15).
-* start-up, reported separately: `ray.init`, and a bare Ray actor that imports the encoder and loads the model (the
-  same work an encoder actor does before its first batch).
+* start-up, reported separately: `ray.init` (by `ensure_ray`, as in the flow), and a bare Ray actor that imports the
+  encoder and loads the model (the same work an encoder actor does before its first batch).
 * where the flow's wall time goes: driver-side planning (render/hash/diff), time to the first batch, the streamed
   part, driver-side row conversion, LanceDB create/merge_insert, reject records and index upkeep. The driver-side
   parts are timed by wrapping `EncodeJob.plan`/`item_rows`, `store.upsert`, `store.record_rejects` and
@@ -36,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from featurestore.raycluster import ensure_ray  # noqa: E402 - after the path insert; before anything imports ray
 
 TEXT_MODEL = "all-MiniLM-L6-v2"
 IMAGE_MODEL = "tf_efficientnet_lite0"
@@ -658,7 +659,7 @@ def main(argv=None) -> int:
     import ray
 
     t0 = time.perf_counter()
-    ray.init()
+    ensure_ray()
     startup = {"ray_init_s": round(time.perf_counter() - t0, 2)}
 
     import lancedb  # after ray.init

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.config import TrainConfig  # noqa: E402 - after the path insert
+from featurestore.raycluster import ensure_ray  # noqa: E402 - after the path insert; before anything imports ray
+from training.config import TrainConfig  # noqa: E402
 from training.precision import PRECISIONS  # noqa: E402
 
 MODELS = ("sasrec", "fame", "hm4sr")
@@ -91,7 +92,7 @@ def train_resuming(settings: dict, attempts: int):
             print(f"attempt {attempt} of {settings['name']} failed ({type(error).__name__}); "
                   f"restarting Ray and resuming", flush=True)
             ray.shutdown()
-            ray.init()
+            ensure_ray()
 
 
 def table_row(model: str, result, wall_s: float) -> str:
@@ -131,10 +132,7 @@ def write_markdown(path: str, command: str, args, rows: list[str]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
-
-    ray.init()
+    ensure_ray()
     command = "python bench/ml1m_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     rows = []

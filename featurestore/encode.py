@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from featurestore import store
 from featurestore.catalogs import Catalog
-from featurestore.raycluster import DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data
+from featurestore.raycluster import DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data, ensure_ray
 
 DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
 WRITE_CHUNK_ROWS = 8192  # rows per merge_insert: each one is a new table version
@@ -384,8 +384,6 @@ def encode_catalog(
     limit: int | None = None,
 ) -> EncodeSummary:
     """Read, encode and upsert a catalog; bad arguments fail before any work, bad rows never fail the run."""
-    import ray
-
     from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
     from featurestore.catalogs import read_catalog
 
@@ -400,7 +398,6 @@ def encode_catalog(
         actors=actors,
         gpus_per_actor=gpus_per_actor,
     )
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     job = EncodeJob(store.connect(db_uri), table, settings)
     return job.run(parsed)

@@ -1,11 +1,58 @@
-"""What every job here needs from Ray: the CPUs its Ray Data tasks must keep free.
+"""What every job here needs from Ray: one way to start or join it, and the CPUs its Ray Data tasks must keep free.
 
-The failure this guards against is a silent hang, not an error: actors or Train workers that hold every CPU
+`ensure_ray()` joins the cluster RAY_ADDRESS names (`ray job submit` sets it) or starts a local instance whose
+services all listen on 127.0.0.1 only, with token authentication unless RAY_AUTH_MODE says otherwise.
+
+The CPU rule guards against is a silent hang, not an error: actors or Train workers that hold every CPU
 starve the Ray Data tasks feeding them (2 encoder actors, or 2 Train workers, at 1 CPU each on 2 cores), and
 the first batch never comes. So every task of ours asks for DATA_TASK_CPUS, every plan keeps DATA_CPU_RESERVE
 free, and a plan that cannot is refused with a ResourcePlanError.
 """
 from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+# On Linux a local Ray instance takes the machine's external address as its node address, and its GCS, raylet,
+# workers and agents then listen on every interface (`_node_ip_address="127.0.0.1"` is mapped back to that
+# address). With this variable at 0 the node address is 127.0.0.1 and every service binds there. Ray reads it
+# once, when it is first imported, so it is set when this module is imported, before Ray is.
+LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _cluster_is_remote() -> bool:
+    """Whether RAY_ADDRESS names a cluster off this machine's loopback (or "auto": whatever `ray start` made)."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        return False
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return host != "localhost" and not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "auto"
+        return True
+
+
+if "ray" not in sys.modules and not _cluster_is_remote():
+    os.environ.setdefault(LOOPBACK_NODE_ENV, "0")
+
+
+def ensure_ray() -> None:
+    """Connect this process to Ray once: the cluster RAY_ADDRESS names, or else a new local instance on 127.0.0.1
+    (never a cluster somebody else started on this machine)."""
+    # The first ray.init writes ~/.ray/auth_token; from then on drivers and `ray job submit` need token mode.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        return
+    if ray_constants.ENABLE_RAY_CLUSTER and not _cluster_is_remote():
+        raise RuntimeError(
+            f"Ray was imported before featurestore.raycluster (or with {LOOPBACK_NODE_ENV}=1), so a local Ray would "
+            f"listen on every interface: import featurestore.raycluster first, or set RAY_ADDRESS to join a cluster")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+
 
 DATA_TASK_CPUS = 0.25  # every Ray Data read/transform task asks for this much
 DATA_CPU_RESERVE = 2 * DATA_TASK_CPUS  # what a plan leaves free: a read and a transform at once
