@@ -78,10 +78,10 @@ def train_resuming(settings: dict, attempts: int):
 
     from featurestore.store import StoreError
     from training import run_training
-    from training.run import SETTINGS_FILE
+    from training.run import SETTINGS_FILE, RunDir
 
     for attempt in range(1, attempts + 1):
-        started = (Path(settings["storage"]) / settings["name"] / SETTINGS_FILE).exists()
+        started = RunDir(settings["storage"], settings["name"]).exists(SETTINGS_FILE)  # local or s3://...
         try:
             return run_training({**settings, "resume": True} if started else settings)
         except (ValueError, StoreError):
