@@ -1,16 +1,56 @@
-"""Image encoder: a timm model's pooled pre-logits features, L2-normalised float32.
+"""Image encoder: a timm model's pooled pre-logits features, L2-normalised float32; and its config.
 
 Preprocessing is split so that the costly part runs where it should: `preprocess` (decode-side resize and centre
 crop to uint8) runs in CPU tasks next to the image fetch; `encode` (scale, normalise, forward) runs in the actor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 import torch
 from PIL import Image
 
 from encoders.device import autocast, l2_normalize, pick_device, to_device
-from encoders.registry import ImageConfig
+from encoders.weights import weights_fingerprint
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    name: str  # a timm model name
+    weights_file: str | None = None  # a local state dict; None = timm's own pretrained weights (user's cache)
+    input_size: int = 224
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    modality: str = "image"
+
+    @cached_property
+    def dim(self) -> int:
+        import timm
+
+        return int(timm.create_model(self.name, pretrained=False).num_features)
+
+    @cached_property
+    def version(self) -> str:
+        import timm
+
+        source = weights_fingerprint(self.weights_file) if self.weights_file else f"timm{timm.__version__}"
+        return f"{self.name}@{source}/{self.input_size}px"
+
+    @classmethod
+    def from_timm(cls, name: str) -> ImageConfig:
+        """A timm model name's own preprocessing (its `pretrained_cfg`), weights from the user's timm/HF cache."""
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None:
+            return cls(name=name)
+        return cls(name=name, input_size=cfg.input_size[-1], crop_pct=cfg.crop_pct,
+                   interpolation=cfg.interpolation or "bicubic", mean=tuple(cfg.mean), std=tuple(cfg.std))
+
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 

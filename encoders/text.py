@@ -1,11 +1,35 @@
-"""Text encoder: a transformers model + its tokenizer, masked mean pooling, L2-normalised float32."""
+"""Text encoder: a transformers model + its tokenizer, masked mean pooling, L2-normalised float32; and its config."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from encoders.device import autocast, l2_normalize, pick_device
-from encoders.registry import TextConfig
+from encoders.weights import weights_fingerprint
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    name: str
+    path: str  # local directory or a transformers model name in the user's cache
+    max_length: int = 256
+    pooling: str = "mean"  # masked mean over tokens
+    modality: str = "text"
+
+    @cached_property
+    def dim(self) -> int:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(self.path).hidden_size)
+
+    @cached_property
+    def version(self) -> str:
+        source = weights_fingerprint(self.path) if Path(self.path).exists() else "hf-cache"
+        return f"{self.name}@{source}/len{self.max_length}/{self.pooling}"
 
 
 class TextEncoder:
