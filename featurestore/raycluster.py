@@ -3,7 +3,7 @@
 `ensure_ray()` joins the cluster RAY_ADDRESS names (`ray job submit` sets it) or starts a local instance whose
 services all listen on 127.0.0.1 only, with token authentication unless RAY_AUTH_MODE says otherwise.
 
-The CPU rule guards against is a silent hang, not an error: actors or Train workers that hold every CPU
+The CPU rule guards against a silent hang, not an error: actors or Train workers that hold every CPU
 starve the Ray Data tasks feeding them (2 encoder actors, or 2 Train workers, at 1 CPU each on 2 cores), and
 the first batch never comes. So every task of ours asks for DATA_TASK_CPUS, every plan keeps DATA_CPU_RESERVE
 free, and a plan that cannot is refused with a ResourcePlanError.
@@ -16,7 +16,8 @@ import sys
 
 # On Linux a local Ray instance takes the machine's external address as its node address, and its GCS, raylet,
 # workers and agents then listen on every interface (`_node_ip_address="127.0.0.1"` is mapped back to that
-# address). With this variable at 0 the node address is 127.0.0.1 and every service binds there. Ray reads it
+# address). With this variable at 0 the node address is 127.0.0.1 and every service binds there; a driver that
+# joins a cluster on loopback needs it too, or it waits forever for a node at its external address. Ray reads it
 # once, when it is first imported, so it is set when this module is imported, before Ray is.
 LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
