@@ -164,12 +164,24 @@ def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size
     Attention costs L^2 and ML-1M's histories at L = 200 are half padding: sorting the rows of a window
     (several batches of shuffled rows) by length and trimming each batch's padding made a training step
     about 1.8x faster. `shuffle`: a window's batches come in random order, so lengths do not rise within it.
+    Rows short of a whole batch wait for the next window, so only the last batch is short and the count of
+    batches follows from the count of rows alone: DDP workers with equal shards take equal steps, however
+    their data iterators cut the windows.
     """
+    waiting: dict[str, torch.Tensor] | None = None
     for window in windows:
+        if waiting is not None:
+            window = {name: torch.cat([waiting[name], value]) for name, value in window.items()}
         order = torch.argsort((window["item_seq"] > 0).sum(dim=1), stable=True)
-        chunks = order.split(batch_size)
+        chunks = list(order.split(batch_size))
+        waiting = None
+        if len(chunks[-1]) < batch_size:
+            rest = chunks.pop()
+            waiting = {name: value[rest] for name, value in window.items()}
         for chunk in (chunks[i] for i in torch.randperm(len(chunks)).tolist()) if shuffle else chunks:
             yield trim_padding({name: value[chunk] for name, value in window.items()})
+    if waiting is not None:
+        yield trim_padding(waiting)
 
 
 def worker_seed(settings: TrainConfig, rank: int, epoch: int) -> int:
