@@ -2,10 +2,10 @@
 
 The GPU machines lent to this project carry torch but not Ray (Ray's wheel alone is larger than what may
 travel to them), so this runs the training flow's own parts without Ray Train: the model configs the flow
-resolves (training.run.resolve_model), its leave-one-out examples (featurestore.sequences.make_examples),
-training steps and length-sorted batching (training.steps), early stopping (training.checkpoint.Progress)
-and full-ranking metrics (training.evaluate), under bench/ml1m_results.py's protocol and defaults. Left out:
-Ray Data sharding, DDP, checkpoints and the runs table; it is one worker (the whole batch per step), and
+resolves from the data (training.run.model_inputs), its leave-one-out examples
+(featurestore.sequences.make_examples) and its training loop (training.steps.fit: steps, length-sorted
+batching, early stopping, full-ranking metrics), under bench/ml1m_results.py's protocol and defaults. Left
+out: Ray Data sharding, DDP, checkpoints and the runs table; it is one worker (the whole batch per step), and
 each epoch shuffles all rows where the flow shuffles within a buffer of 8 windows. Test metrics are
 reported under the run's mask_history (default: history items ranked) and with history masked.
 
@@ -20,6 +20,7 @@ reported under the run's mask_history (default: history items ranked) and with h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,26 +34,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recmodels import ItemFeatures, create_model  # noqa: E402 - after the path insert
+from recmodels import MODELS, DataFacts, ItemFeatures, create_model  # noqa: E402 - after the path insert
 from training.checkpoint import Progress  # noqa: E402
-from training.config import SET_BY_THE_RUN, TrainConfig  # noqa: E402
-from training.evaluate import prefixed_means, ranking_sums  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.precision import PRECISIONS, grad_scaler  # noqa: E402
-from training.steps import (EVAL_SORT_WINDOW, LossModel, epoch_line, length_sorted_batches,  # noqa: E402
-                            train_epoch, weights_copy, worker_seed)
+from training.steps import (EVAL_SORT_WINDOW, EpochData, LossModel, Reporting, fit, weights_copy,  # noqa: E402
+                            worker_seed)
 
 SPLITS = ("train", "valid", "test")
 
 
 def export(argv: list[str]) -> None:
-    """Write the examples, item features and each model's resolved settings and meta to one .npz."""
+    """Write the examples, item features, and each model's settings, meta and data facts to one .npz."""
     import lance
 
     import ml1m_results
     from featurestore import store
     from featurestore.sequences import SEQUENCES, make_examples
     from training.data import SEQUENCE_COLUMNS, ensure_dataset, snapshot_store
-    from training.run import interval_scale, model_features, resolve_model
+    from training.run import model_inputs, probe_model
 
     parser = argparse.ArgumentParser(prog="ml1m_one_process.py export")
     parser.add_argument("--out", required=True)
@@ -61,19 +61,24 @@ def export(argv: list[str]) -> None:
     args = ml1m_results.parse_args(rest)
     db = store.connect(args.db)
     ensure_dataset(db, own.dataset)
-    snapshot, index = snapshot_store(db, args.max_len, "all", 1, interval_scale(args.model_config))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    every = [TrainConfig.from_dict({**ml1m_results.settings_for(model, args, stamp), "dataset": own.dataset})
+             for model in args.models]
+    protocol = every[0]  # ml1m_results gives every model the same history length and training mode
+    snapshot, index = snapshot_store(db, protocol.max_len, protocol.train_mode, 1, protocol.stride, max_gap=True)
     rows = lance.dataset(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES]).to_table(
         columns=SEQUENCE_COLUMNS)
     arrays, models = {}, {}
     for split in SPLITS:
-        for name, array in make_examples(rows, split, args.max_len, "all").items():
+        for name, array in make_examples(rows, split, protocol.max_len, protocol.train_mode,
+                                         stride=protocol.stride).items():
             arrays[f"{split}__{name}"] = array
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for model in args.models:
-        settings = TrainConfig.from_dict({**ml1m_results.settings_for(model, args, stamp), "dataset": own.dataset})
-        features, modalities = model_features(db, index, settings)
-        meta, n_parameters, _ = resolve_model(settings, snapshot, features, modalities)
-        models[model] = {"settings": settings.to_dict(), "meta": meta, "n_parameters": n_parameters}
+    for settings in every:
+        needs = MODELS[settings.model].config_class.store_needs(settings.model_config)
+        config, features, facts = model_inputs(db, index, settings, snapshot, needs)
+        meta, n_parameters, _ = probe_model(settings, snapshot.n_items, config, features)
+        models[settings.model] = {"settings": settings.to_dict(), "meta": meta, "n_parameters": n_parameters,
+                                  "facts": dataclasses.asdict(facts)}
         arrays.update({f"feature__{name}": matrix for name, matrix in (features or {}).items()})
     info = {"models": models, "dataset": own.dataset, "store_versions": snapshot.versions, "users": snapshot.users,
             "n_items": snapshot.n_items, "made_by": "python bench/ml1m_one_process.py export " + " ".join(argv)}
@@ -90,64 +95,41 @@ def windows(split: dict[str, torch.Tensor], rows: int, generator: torch.Generato
         yield {name: value[chunk] for name, value in split.items()}
 
 
-def evaluate(model, split: dict[str, torch.Tensor], prefix: str, settings: TrainConfig,
-             mask_history: bool) -> dict[str, float]:
-    batches = length_sorted_batches(windows(split, EVAL_SORT_WINDOW * settings.eval_batch_size, None),
-                                    settings.eval_batch_size, shuffle=False)
-    return prefixed_means(ranking_sums(model, batches, settings.ks, mask_history), prefix)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_model(entry: dict, data, device: torch.device, overrides: dict, model_config: dict) -> dict:
-    """Train one model to its stop (epochs, patience or time budget); its per-epoch history and test metrics.
+    """Train one model with training.steps.fit to its stop (epochs, patience or time budget); its per-epoch
+    history and test metrics.
 
-    `model_config` changes hyper-parameters of the exported model config (an ablation); what the data
-    decided at export (training.config.SET_BY_THE_RUN, and interval_scale, which sets n_intervals) stays.
+    `model_config` changes hyper-parameters of the exported settings (an ablation); the config is resolved
+    from the export's data facts again, as the flow resolves it from the store.
     """
-    settings = TrainConfig.from_dict({**entry["settings"], **overrides})
-    fixed = (SET_BY_THE_RUN | {"interval_scale"}) & set(model_config)
-    if fixed:
-        raise ValueError(f"--model-config may not set {sorted(fixed)}: the export fixed them")
-    meta = {**entry["meta"], "model_config": {**entry["meta"]["model_config"], **model_config}}
-    features = (ItemFeatures.from_numpy({name: data[f"feature__{name}"] for name in meta["feature_dims"]})
-                if meta["feature_dims"] else None)
+    settings = TrainConfig.from_dict({**entry["settings"], **overrides,
+                                      "model_config": {**entry["settings"]["model_config"], **model_config}})
+    name = entry["meta"]["model"]
+    facts = entry["facts"]
+    config = MODELS[name].config_class.from_data(
+        settings.model_config, DataFacts(facts["max_len"], tuple(facts["features"]), facts["max_gap_s"]))
+    missing = [f for f in config.item_features() if f"feature__{f}" not in data.files]
+    if missing:
+        raise ValueError(f"--model-config {model_config} needs item features {missing}, which the export lacks")
+    features = (ItemFeatures.from_numpy({f: data[f"feature__{f}"] for f in config.item_features()})
+                if config.item_features() else None)
     torch.manual_seed(settings.seed)  # as training.loop: the initial weights, then rank 0's stream
-    model = create_model(meta["model"], meta["model_config"], meta["n_items"], features).to(device)
+    model = create_model(name, config, entry["meta"]["n_items"], features).to(device)
     torch.manual_seed(worker_seed(settings, rank=0, epoch=0))
-    splits = {split: {name[len(split) + 2:]: torch.as_tensor(data[name], dtype=torch.int64).to(device)
-                      for name in data.files if name.startswith(f"{split}__")} for split in SPLITS}
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scaler = grad_scaler(settings.precision, device)
+    splits = {split: {key[len(split) + 2:]: torch.as_tensor(data[key], dtype=torch.int64).to(device)
+                      for key in data.files if key.startswith(f"{split}__")} for split in SPLITS}
     generator = torch.Generator().manual_seed(settings.seed)
-    trainer_model, progress, best_weights = LossModel(model), Progress(), weights_copy(model)
-    while not progress.finished:
-        started = time.perf_counter()
-        batches = length_sorted_batches(windows(splits["train"], settings.sort_window * settings.batch_size,
-                                                generator), settings.batch_size, shuffle=True)
-        train = train_epoch(trainer_model, optimizer, batches, lambda step: None, settings.precision, scaler)
-        synchronize(device)
-        trained = time.perf_counter()
-        validation = evaluate(model, splits["valid"], "val", settings, settings.mask_history)
-        rows = train.pop("rows")
-        per_s = rows / (trained - started)  # one worker: the per-worker rate is the rate
-        metrics = {"epoch": progress.epoch + 1, **{name: value / rows for name, value in train.items()},
-                   **validation, "epoch_s": time.perf_counter() - started, "train_s": trained - started,
-                   "eval_s": time.perf_counter() - trained, "sequences": rows,
-                   "sequences_per_s": per_s, "sequences_per_s_per_worker": per_s}
-        if progress.record(metrics, settings):
-            best_weights = weights_copy(model)
-        metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == metrics["epoch"]}
-        print(f"{meta['model']}: " + epoch_line(metrics, settings), flush=True)
-    model.load_state_dict(best_weights)
-    test = evaluate(model, splits["test"], "test", settings, settings.mask_history)
-    masked = evaluate(model, splits["test"], "test_masked", settings, mask_history=True)
-    return {"settings": settings.to_dict(), "meta": meta, "n_parameters": sum(p.numel() for p in model.parameters()),
-            "best_epoch": progress.best_epoch, "epochs": progress.epoch, "stop_reason": progress.stop_reason,
-            "model_config_changes": model_config, "history": progress.history, **test, **masked}
+    epochs = EpochData(
+        train_windows=lambda epoch: windows(splits["train"], settings.sort_window * settings.batch_size, generator),
+        eval_windows=lambda split: windows(splits[split], EVAL_SORT_WINDOW * settings.eval_batch_size, None),
+        batch_size=settings.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    progress = Progress()
+    final = fit(model, LossModel(model), optimizer, grad_scaler(settings.precision, device), settings, epochs,
+                progress, weights_copy(model), Reporting(line=lambda line: print(f"{name}: {line}", flush=True)))
+    return {"settings": settings.to_dict(), "meta": {**entry["meta"], "model_config": dataclasses.asdict(config)},
+            "n_parameters": sum(p.numel() for p in model.parameters()), "epochs": progress.epoch,
+            "model_config_changes": model_config, "history": progress.history, **final}
 
 
 def train(argv: list[str]) -> None:

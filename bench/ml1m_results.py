@@ -30,9 +30,9 @@ from featurestore.raycluster import ensure_ray  # noqa: E402 - after the path in
 from training.config import TrainConfig  # noqa: E402
 from training.precision import PRECISIONS  # noqa: E402
 
+from ml1m_one_process import TABLE_COLUMNS as COLUMNS  # noqa: E402 - the runner's table has the same columns
+
 MODELS = ("sasrec", "fame", "hm4sr")
-MODEL_CONFIGS = {"hm4sr": {"modalities": ["id", "text"]}}  # ML-1M has no images
-COLUMNS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10")
 
 
 def parse_args(argv=None):
@@ -67,7 +67,7 @@ def settings_for(model: str, args, stamp: str) -> dict:
         "train_mode": "all", "precision": args.precision,
         "num_workers": args.num_workers, "vectors_table": f"item_vectors_ml1m_{model}",
         "model_config": {"hidden_size": args.hidden_size, "dropout": args.dropout, "attn_dropout": args.dropout,
-                         **MODEL_CONFIGS.get(model, {}), **args.model_config},
+                         **args.model_config},  # HM4SR: id + text, the modalities ML-1M's items have
     }
 
 

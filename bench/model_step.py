@@ -66,22 +66,23 @@ def make_batch(batch_size: int, length: int, n_items: int, mode: str, device: st
 
 def run_case(case: dict) -> dict:
     """One (device, model, L, n_items, mode) measurement; runs in its own process."""
-    from recmodels import ItemFeatures, create_model
-    from recmodels.hm4sr import n_intervals_for
+    from recmodels import MODELS, DataFacts, ItemFeatures, create_model
     from training.precision import autocast
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     device, n_items, length = case["device"], case["n_items"], case["seq_len"]
-    config = {"hidden_size": case["hidden_size"], "max_seq_len": length}
-    features = None
-    if case["model"] == "hm4sr":
-        text = torch.randn(n_items + 1, TEXT_DIM)
-        categories = (torch.rand(n_items + 1, N_CATEGORIES) < 0.1).float()
-        text[0], categories[0] = 0, 0
-        features = ItemFeatures(text=text, categories=categories)
-        config.update(modalities=("id", "text"), n_intervals=n_intervals_for(86400 * 30))
-    model = create_model(case["model"], config, n_items, features).to(device).train()
+    # a store of random text features and categories (no images), with gaps of up to 30 days
+    synthetic = {"text": torch.randn(n_items + 1, TEXT_DIM),
+                 "categories": (torch.rand(n_items + 1, N_CATEGORIES) < 0.1).float()}
+    for matrix in synthetic.values():
+        matrix[0] = 0  # padding row
+    config_class, given = MODELS[case["model"]].config_class, {"hidden_size": case["hidden_size"]}
+    needs = config_class.store_needs(given)
+    config = config_class.from_data(given, DataFacts(length, tuple(f for f in needs.features if f in synthetic),
+                                                     max_gap_s=86400 * 30))
+    used = {name: synthetic[name] for name in config.item_features()}
+    model = create_model(case["model"], config, n_items, ItemFeatures(**used) if used else None).to(device).train()
     batch = make_batch(case["batch_size"], length, n_items, case["mode"], device)
 
     def step() -> tuple[float, float]:

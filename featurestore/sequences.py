@@ -244,12 +244,11 @@ def make_examples(rows, split: str, max_len: int, mode: str = "last", t0: int | 
     return batch
 
 
-def max_interval_index(rows, split: str = "train", scale: float = 100.0) -> int:
-    """Size of HM4SR's interval embedding table: max floor(scale * log2(dt + 1)) + 1.
+def max_gap_s(rows, split: str = "train") -> int:
+    """The largest gap (seconds) between consecutive items of the histories `split` feeds a model; 0 if none.
 
-    dt = seconds between consecutive items of the histories `split` feeds a model: "train" scans each
-    user's training part, "test" the longer test histories. Test histories can hold a larger gap than the
-    training data, so a model should clamp indices to size - 1. For batched data, take the max over batches.
+    "train" scans each user's training part, "test" the longer test histories (which can hold a larger gap
+    than the training data). For batched data, take the max over batches.
     """
     items, lengths = _ragged(rows["item_idx"])
     times, _ = _ragged(rows["timestamps"])
@@ -258,9 +257,9 @@ def max_interval_index(rows, split: str = "train", scale: float = 100.0) -> int:
     usable = np.repeat(lengths >= MIN_INTERACTIONS, lengths) & (position >= 1)
     usable &= position <= np.repeat(lengths - last, lengths)
     if not usable.any():
-        return 1
+        return 0
     gaps = (times.astype(np.int64)[1:] - times.astype(np.int64)[:-1])[usable[1:]]
-    return int(np.floor(scale * np.log2(gaps.astype(np.float64) + 1)).max()) + 1
+    return int(gaps.max())
 
 
 def split_counts(rows, max_len: int, stride: int | None = None) -> dict[str, int]:

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     rows = sequences.read_sequences(db)
     counts = sequences.split_counts(rows, args.max_len)
     print(f"examples at max_len={args.max_len}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"HM4SR interval table size (training data): {sequences.max_interval_index(rows)}")
+    print(f"largest gap between consecutive training items: {sequences.max_gap_s(rows):,} s")
     return 0
 
 

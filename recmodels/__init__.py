@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from recmodels.base import EncoderConfig, ItemFeatures, SequentialRecommender
+from recmodels.base import DataFacts, EncoderConfig, ItemFeatures, SequentialRecommender, StoreNeeds
 from recmodels.fame import FAME, FAMEConfig
 from recmodels.hm4sr import HM4SR, HM4SRConfig
 from recmodels.sasrec import SASRec, SASRecConfig
@@ -20,5 +20,5 @@ def create_model(name: str, config: Mapping[str, Any] | EncoderConfig | None, n_
     return MODELS[name](config, n_items, features)
 
 
-__all__ = ["MODELS", "create_model", "ItemFeatures", "SequentialRecommender", "EncoderConfig",
+__all__ = ["MODELS", "create_model", "ItemFeatures", "SequentialRecommender", "EncoderConfig", "StoreNeeds", "DataFacts",
            "SASRec", "SASRecConfig", "FAME", "FAMEConfig", "HM4SR", "HM4SRConfig"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -90,19 +90,47 @@ class ItemFeatures:
         return matrix
 
 
-# ----------------------------------------------------------------------------- configs
+# ----------------------------------------------------------------------------- configs and the data
+
+# Field metadata {"from_data": ...}: "always", the data sets the field (never a user); "unless_given", the data
+# sets it when the user does not. {"cli": False} keeps a field off the command line (training.cli).
+SET_BY_DATA = {"from_data": "always", "cli": False}
+FEATURE_NAMES = ("text", "image", "categories")  # the item feature matrices the store can give a model
+
+
+@dataclass(frozen=True)
+class StoreNeeds:
+    """What a model config asks of the feature store besides the item sequences."""
+
+    features: tuple[str, ...] = ()  # item feature matrices it may use, of FEATURE_NAMES
+    max_gap: bool = False  # the largest gap (seconds) between consecutive items of a training history
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the store holds, as far as a config's StoreNeeds asked."""
+
+    max_len: int  # the run's history length L
+    features: tuple[str, ...] = ()  # of the features asked for, those the items have
+    max_gap_s: int | None = None  # when asked for
+
 
 @dataclass
 class EncoderConfig:
-    """Transformer settings every model shares (RecBole SASRec defaults)."""
+    """Transformer settings every model shares (RecBole SASRec defaults).
+
+    A config owns what its model needs from the data: `store_needs` says what to read, `from_data` sets the
+    fields the data decides, and `item_features` names the feature matrices the model is built with, so the
+    training flow and the store hold no model-specific branch.
+    """
 
     hidden_size: int = 64
     n_layers: int = 2
     n_heads: int = 2
-    inner_size: int | None = None  # feed-forward width; None -> 4 * hidden_size
+    inner_size: int | None = field(default=None, metadata={"shown_default": "4 x hidden size"})  # FFN width
     dropout: float = 0.5  # embeddings and hidden states
     attn_dropout: float = 0.5  # attention probabilities
-    max_seq_len: int = 50  # rows of the position table: the longest history a model accepts
+    max_seq_len: int = field(default=50, metadata=SET_BY_DATA)  # rows of the position table: the longest history
     init_std: float = 0.02
     layer_norm_eps: float = 1e-12  # RecBole's (the authors' code for FAME and HM4SR builds on it)
 
@@ -111,6 +139,28 @@ class EncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         if self.inner_size is None:
             self.inner_size = 4 * self.hidden_size
+
+    @classmethod
+    def data_keys(cls, when: tuple[str, ...] = ("always", "unless_given")) -> frozenset[str]:
+        """The fields the data decides: always (never given), and by default also those it decides unless given."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("from_data") in when)
+
+    @classmethod
+    def store_needs(cls, given: Mapping[str, Any]) -> StoreNeeds:
+        """What a model of these hyper-parameters (a model_config dict) needs from the store."""
+        return StoreNeeds(build_config(cls, given).item_features())
+
+    @classmethod
+    def from_data(cls, given: Mapping[str, Any], facts: DataFacts):
+        """The config of `given` hyper-parameters with what the data decides set; bad values raise here."""
+        refused = cls.data_keys(("always",)) & set(given)
+        if refused:
+            raise ValueError(f"model_config may not set {sorted(refused)}: the run and its data decide them")
+        return build_config(cls, {**given, "max_seq_len": facts.max_len})
+
+    def item_features(self) -> tuple[str, ...]:
+        """The item feature matrices (of FEATURE_NAMES) a model of this config is built with."""
+        return ()
 
 
 ConfigT = TypeVar("ConfigT", bound=EncoderConfig)

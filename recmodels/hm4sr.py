@@ -24,9 +24,10 @@ the last valid position (they are defined on the sequence's user state) and CP e
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -34,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recmodels.base import (Batch, EncoderConfig, ItemFeatures, SequentialRecommender, TransformerEncoder,
-                            attention_mask, gather_last, info_nce, init_weights, position_ids)
+from recmodels.base import (SET_BY_DATA, Batch, DataFacts, EncoderConfig, ItemFeatures, SequentialRecommender,
+                            StoreNeeds, TransformerEncoder, attention_mask, gather_last, info_nce, init_weights,
+                            position_ids)
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
@@ -48,12 +50,14 @@ def n_intervals_for(max_interval_s: float, interval_scale: float = 100.0) -> int
 
 @dataclass
 class HM4SRConfig(EncoderConfig):
-    modalities: tuple[str, ...] = MODALITIES
+    modalities: tuple[str, ...] = field(default=MODALITIES, metadata={
+        "from_data": "unless_given", "shown_default": "id plus the feature modalities the items have"})
     n_interactive_experts: int = 4
     n_temporal_experts: int = 4
     time_scale_s: float = 86400.0  # absolute time enters the cosine embedding in days
     interval_scale: float = 100.0  # s in floor(s * log2(gap_seconds + 1))
-    n_intervals: int = n_intervals_for(2**31 - 1)  # the data sets it from its largest gap; this covers 68 years
+    # the data sets it from its largest gap; the default covers 68 years
+    n_intervals: int = field(default=n_intervals_for(2**31 - 1), metadata=SET_BY_DATA)
     temporal_expert_std: float = 0.1  # init of the expert vectors u_k (authors' value)
     cp_weight: float = 1.0
     idcl_weight: float = 1.0
@@ -74,6 +78,27 @@ class HM4SRConfig(EncoderConfig):
             raise ValueError("pcl_weight > 0 needs a 'text' or 'image' modality; set pcl_weight=0")
         if min(self.cp_weight, self.idcl_weight, self.pcl_weight) < 0 or not 0 <= self.pcl_ratio < 1:
             raise ValueError("auxiliary weights must be >= 0 and pcl_ratio in [0, 1)")
+
+    @classmethod
+    def store_needs(cls, given: Mapping[str, Any]) -> StoreNeeds:
+        """Its features (the items may lack some streams: from_data then leaves them out) and the largest gap."""
+        return dataclasses.replace(super().store_needs(given), max_gap=True)
+
+    @classmethod
+    def from_data(cls, given: Mapping[str, Any], facts: DataFacts) -> HM4SRConfig:
+        """Modalities: id plus the feature streams the items have, unless given; the interval table sized to
+        the largest training gap."""
+        given = dict(given)
+        given.setdefault("modalities", tuple(m for m in MODALITIES if m == "id" or m in facts.features))
+        config = super().from_data(given, facts)
+        if config.cp_weight and "categories" not in facts.features:
+            raise ValueError("the items have no categories, which the category loss needs: set cp_weight 0")
+        config.n_intervals = n_intervals_for(facts.max_gap_s, config.interval_scale)
+        return config
+
+    def item_features(self) -> tuple[str, ...]:
+        """The feature streams among its modalities, and the category labels when the category loss is on."""
+        return tuple(m for m in FEATURE_MODALITIES if m in self.modalities) + (("categories",) if self.cp_weight else ())
 
 
 def interval_index(time_seq: torch.Tensor, valid: torch.Tensor, interval_scale: float,

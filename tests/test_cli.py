@@ -9,7 +9,7 @@ import pytest
 
 from recmodels import MODELS
 from training import cli
-from training.config import SET_BY_THE_RUN, TrainConfig
+from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_FLAGS = {"model_config", "fail_at"}  # declared {"cli": False} in TrainConfig
@@ -40,7 +40,7 @@ def test_every_train_setting_and_model_hyper_parameter_has_a_flag_with_help():
     model_fields = {f.name for model in MODELS.values() for f in dataclasses.fields(model.config_class)}
     assert [dest for dest in dests if not dest.startswith(cli.MODEL_DEST)] == settings
     assert {dest.removeprefix(cli.MODEL_DEST) for dest in dests if dest.startswith(cli.MODEL_DEST)} \
-        == model_fields - SET_BY_THE_RUN
+        == model_fields - {"max_seq_len", "n_intervals"}  # the data sets them (field metadata from_data)
     helps = {action.dest: action.help for action in parser._actions}
     for name in settings:
         assert TrainConfig.__dataclass_fields__[name].metadata["help"] in helps[name]
@@ -107,7 +107,7 @@ class Sweep:  # the kinds of field the generator knows, as a later TrainConfig f
 @dataclass
 class OtherSweep:
     warmup: int = 5
-    decay: float = 0.5
+    decay: float = field(default=0.5, metadata={"help": "lr decay"})
 
 
 def test_a_new_field_with_metadata_becomes_a_flag_of_its_type():
@@ -140,11 +140,11 @@ def test_a_field_added_to_train_config_is_a_flag_of_the_flow(monkeypatch):
 
 def test_fields_several_classes_share_are_one_flag_naming_the_classes_where_not_all_have_it():
     parser = argparse.ArgumentParser()
-    dests = cli.add_dataclass_arguments(parser, {"sweep": Sweep, "other": OtherSweep}, dest_prefix="x.",
-                                        metadata={"scale": {"cli": False}, "decay": {"help": "lr decay"}})
-    assert dests == ["x.warmup", "x.schedule", "x.clip", "x.layers", "x.verbose", "x.shuffle", "x.decay"]
+    dests = cli.add_dataclass_arguments(parser, {"sweep": Sweep, "other": OtherSweep}, dest_prefix="x.")
+    assert dests == ["x.warmup", "x.scale", "x.schedule", "x.clip", "x.layers", "x.verbose", "x.shuffle", "x.decay"]
     helps = {action.dest: action.help for action in parser._actions}
     assert helps["x.warmup"] == "epochs of linear warm-up (default: sweep 0, other 5)"
+    assert helps["x.scale"] == "sweep; loss scale (default: 1.0)"
     assert helps["x.decay"] == "other; lr decay (default: 0.5)"
     assert parser.parse_args(["--decay", "0.1"]).__dict__["x.decay"] == 0.1
 

@@ -19,10 +19,11 @@ from featurestore.sequences import (
     category_labels,
     load_item_features,
     make_examples,
-    max_interval_index,
+    max_gap_s,
     read_sequences,
     split_counts,
 )
+from recmodels.hm4sr import n_intervals_for
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_DIM, IMAGE_DIM = 4, 3
@@ -392,10 +393,13 @@ def test_make_examples_valid_and_test_keep_the_most_recent_items():
     }
 
 
-def test_max_interval_index_covers_training_gaps_only():
+def test_max_gap_covers_training_gaps_only():
     rows = pa.table({"item_idx": [[1, 2, 3, 4, 5]], "timestamps": [[0, 1, 4, 1027, 100000]], "first_timestamp": [0]})
-    assert max_interval_index(rows) == int(np.floor(100 * np.log2(3 + 1))) + 1  # training part: 0, 1, 4
-    assert max_interval_index(rows, "test") == 1000 + 1  # adds the 1023 s gap: log2(1024) = 10
+    assert max_gap_s(rows) == 3  # training part: 0, 1, 4
+    assert max_gap_s(rows, "test") == 1023  # adds the 1023 s gap
+    assert n_intervals_for(max_gap_s(rows)) == int(np.floor(100 * np.log2(3 + 1))) + 1  # HM4SR's interval table
+    assert n_intervals_for(max_gap_s(rows, "test")) == 1000 + 1  # log2(1024) = 10
+    assert max_gap_s(pa.table({"item_idx": [[1, 2]], "timestamps": [[0, 5]], "first_timestamp": [0]})) == 0
 
 
 # ---------------------------------------------------------------- item features

@@ -99,18 +99,32 @@ def test_progress_stops_on_patience_epochs_or_time_and_a_resume_can_give_more():
 def test_length_sorted_batches_keep_every_row_once_and_cut_each_batch_to_its_longest_history(shuffle):
     examples = make_examples({"item_idx": [list(range(1, n + 1)) for n in range(4, 41)],
                               "timestamps": [list(range(n)) for n in range(4, 41)], "first_timestamp": [0] * 37},
-                             "train", max_len=30, mode="all")
+                             "train", max_len=40, mode="all")  # L >= every history: one window a user
     windows = numpy_batches(examples, 16)  # 37 rows: windows of 16, 16 and 5
     batches = list(length_sorted_batches(windows, 5, shuffle=shuffle))
-    assert sorted(len(b["target"]) for b in batches) == [1, 1] + [5] * 7
+    assert sorted(len(b["target"]) for b in batches) == [2] + [5] * 7  # a window's odd rows wait for the next
     seen = torch.cat([b["target"] for b in batches])
     assert sorted(seen.tolist()) == sorted(examples["target"].tolist())
     for batch in batches:
         lengths = (batch["item_seq"] > 0).sum(dim=1)
         assert batch["item_seq"].shape[1] == batch["target_seq"].shape[1] == int(lengths.max())
         assert torch.equal(lengths, batch["seq_len"])  # rows are whole: the cut columns were padding
-    if not shuffle:  # the first window's four batches rise in length
-        assert all(batches[i]["seq_len"].max() <= batches[i + 1]["seq_len"].min() for i in range(3))
+    if not shuffle:  # the first window's three whole batches rise in length
+        assert all(batches[i]["seq_len"].max() <= batches[i + 1]["seq_len"].min() for i in range(2))
+
+
+def test_the_count_of_batches_follows_from_the_rows_however_the_windows_are_cut():
+    """DDP workers with equal shards must take equal steps: a worker whose iterator cuts its windows
+    unevenly (as Ray Data's may) still gets ceil(rows / batch_size) batches."""
+    examples = make_examples({"item_idx": [list(range(1, n + 1)) for n in range(4, 41)],
+                              "timestamps": [list(range(n)) for n in range(4, 41)], "first_timestamp": [0] * 37},
+                             "train", max_len=40, mode="all")
+    even = numpy_batches(examples, 16)
+    cuts = [0, 7, 23, 26, 37]  # the same 37 rows in windows of 7, 16, 3 and 11
+    uneven = ({name: torch.as_tensor(value[start:end]) for name, value in examples.items()}
+              for start, end in zip(cuts, cuts[1:]))
+    for windows in (even, uneven):
+        assert len(list(length_sorted_batches(windows, 5, shuffle=True))) == 8
 
 
 def test_one_readable_line_per_epoch():
@@ -456,7 +470,8 @@ def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_install
     assert results["sasrec"]["test_ndcg@10"] > 2 * before["test_ndcg@10"]
     for result in results.values():
         assert [m["epoch"] for m in result["history"]] == [1, 2, 3] and result["stop_reason"] == "epochs"
-        assert all(m["sequences"] == 943 for m in result["history"])  # every ML-100k user, every epoch
+        windows = split_counts(read_sequences(ml100k), 50)["train_examples_all"]
+        assert all(m["sequences"] == windows for m in result["history"])  # every training row, every epoch
         losses = [m["loss"] for m in result["history"]]
         assert losses[2] < losses[1] < losses[0]
         assert result["test_masked_hr@10"] >= result["test_hr@10"]  # masking seen items can only help here

@@ -20,14 +20,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from recmodels import MODELS
-from training.config import SET_BY_THE_RUN, TrainConfig
+from training.config import TrainConfig
 
 MODEL_DEST = "model."  # dest prefix of the model flags: their values go to settings["model_config"]
-MODEL_FIELD_METADATA = {  # the model configs declare no metadata: what the flags need is added here
-    **{name: {"cli": False} for name in SET_BY_THE_RUN},
-    "inner_size": {"shown_default": "4 x hidden size"},
-    "modalities": {"shown_default": "id plus the feature modalities the items table has"},
-}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> list[str]:
@@ -35,7 +30,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> list[str]:
     models = parser.add_argument_group("model hyper-parameters (unset: the model's default)")
     return (add_dataclass_arguments(parser, {"train": TrainConfig})
             + add_dataclass_arguments(models, {name: model.config_class for name, model in MODELS.items()},
-                                      dest_prefix=MODEL_DEST, metadata=MODEL_FIELD_METADATA))
+                                      dest_prefix=MODEL_DEST))
 
 
 def settings_from(args: argparse.Namespace, dests: Iterable[str]) -> dict[str, Any]:
@@ -50,22 +45,20 @@ def settings_from(args: argparse.Namespace, dests: Iterable[str]) -> dict[str, A
 
 
 def add_dataclass_arguments(group: argparse._ActionsContainer, classes: Mapping[str, type], *,
-                            dest_prefix: str = "", metadata: Mapping[str, Mapping[str, Any]] = {}) -> list[str]:
+                            dest_prefix: str = "") -> list[str]:
     """A flag per field of the dataclasses `classes` (label -> class) into dest `dest_prefix + field name`.
 
     A field several classes have is one flag; its help gives each class's default where they differ and names
-    the classes that have it where not all do. `metadata` (field name -> metadata) adds to the fields' own, for
-    classes declared elsewhere. -> the dests, in order.
+    the classes that have it where not all do. -> the dests, in order.
     """
     by_name: dict[str, dict[str, dataclasses.Field]] = {}  # field name -> label -> field
     declared: dict[str, tuple[Any, dict]] = {}  # field name -> (annotation, metadata) of the first class with it
     for label, cls in classes.items():
         hints = typing.get_type_hints(cls)  # the annotations `from __future__ import annotations` keeps as text
         for f in dataclasses.fields(cls):
-            meta = {**f.metadata, **metadata.get(f.name, {})}
-            if meta.get("cli", True):
+            if f.metadata.get("cli", True):
                 by_name.setdefault(f.name, {})[label] = f
-                declared.setdefault(f.name, (hints[f.name], meta))
+                declared.setdefault(f.name, (hints[f.name], f.metadata))
     dests = []
     for name, fields in by_name.items():
         annotation, meta = declared[name]

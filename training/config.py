@@ -21,9 +21,6 @@ from training.precision import PRECISIONS, precision_problem
 
 DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 
-# Model settings a run resolves itself (from --max-len and the data), never taken from model_config.
-SET_BY_THE_RUN = frozenset({"max_seq_len", "n_intervals"})
-
 # What `--resume` may change; every other setting must equal the interrupted run's.
 CHANGEABLE_ON_RESUME = frozenset({
     "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
@@ -126,7 +123,8 @@ class TrainConfig:
             found.append(problem)
         if self.resume and not self.name:
             found.append("resume needs the name of the run to continue")
-        reserved = SET_BY_THE_RUN & set(self.model_config)
+        reserved = MODELS[self.model].config_class.data_keys(("always",)) & set(self.model_config) \
+            if self.model in MODELS else set()
         if reserved:
             found.append(f"model_config may not set {sorted(reserved)}: max_len and the data decide them")
         return found

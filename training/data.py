@@ -14,8 +14,7 @@ import pyarrow.compute as pc
 
 from featurestore import movielens, store
 from featurestore.interactions import import_interactions
-from featurestore.sequences import (SEQUENCES, ItemIndex, build_sequences, make_examples, max_interval_index,
-                                    split_counts)
+from featurestore.sequences import SEQUENCES, ItemIndex, build_sequences, make_examples, max_gap_s, split_counts
 from training.resources import DATA_TASK_CPUS
 
 # The flow that writes each table, for the error message when it is missing or empty.
@@ -41,7 +40,7 @@ class StoreSnapshot:
     users: int
     n_items: int
     counts: dict[str, int]  # featurestore.sequences.split_counts at max_len
-    max_interval_index: int  # HM4SR's interval table size on the training histories
+    max_gap_s: int | None  # the largest gap between consecutive training items, when a model asked for it
 
     def check_unchanged(self, db, name: str) -> None:
         """Tables read through LanceDB's latest version (items: index, features) must still be the pinned one."""
@@ -90,8 +89,11 @@ def ensure_dataset(db, dataset: str) -> None:
 
 
 def snapshot_store(db, max_len: int, train_mode: str, num_workers: int, stride: int | None = None,
-                   interval_scale: float = 100.0) -> tuple[StoreSnapshot, ItemIndex]:
-    """Pin the versions of items, interactions and sequences and check they can train a model."""
+                   max_gap: bool = False) -> tuple[StoreSnapshot, ItemIndex]:
+    """Pin the versions of items, interactions and sequences and check they can train a model.
+
+    `max_gap`: also find the largest gap between consecutive training items (a model's StoreNeeds asks).
+    """
     tables = {}
     for name in WRITTEN_BY:  # in the order the flows create them: the first gap is the one to fix
         tables[name] = open_required(db, name)
@@ -114,7 +116,7 @@ def snapshot_store(db, max_len: int, train_mode: str, num_workers: int, stride: 
             f"with >= 3 interactions; import more interactions with {WRITTEN_BY[SEQUENCES]}")
     snapshot = StoreSnapshot(
         db_uri=str(db.uri), versions=versions, sequences_uri=sequences.uri, users=rows.num_rows,
-        n_items=len(index), counts=counts, max_interval_index=max_interval_index(rows, "train", interval_scale),
+        n_items=len(index), counts=counts, max_gap_s=max_gap_s(rows, "train") if max_gap else None,
     )
     return snapshot, index
 

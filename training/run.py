@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +26,11 @@ import numpy as np
 import pyarrow.fs
 
 from featurestore import store
+from featurestore.raycluster import ensure_ray
 from featurestore.sequences import load_item_features
-from recmodels import MODELS, HM4SRConfig, ItemFeatures, create_model
+from recmodels import MODELS, DataFacts, EncoderConfig, ItemFeatures, StoreNeeds, create_model
 from training import checkpoint, records
-from training.config import SET_BY_THE_RUN, TrainConfig
+from training.config import TrainConfig
 from training.data import StoreSnapshot, data_config, ensure_dataset, example_datasets, snapshot_store
 from training.resources import WORKER_ENV_VARS, WorkerPlan, plan_for_cluster
 
@@ -114,11 +114,12 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     db = store.connect(settings.db)
     if settings.dataset:
         ensure_dataset(db, settings.dataset)
+    needs = MODELS[settings.model].config_class.store_needs(settings.model_config)
     snapshot, index = snapshot_store(db, settings.max_len, settings.train_mode, settings.num_workers,
-                                     settings.stride, interval_scale(settings.model_config))
-    features, modalities = model_features(db, index, settings)
+                                     settings.stride, needs.max_gap)
+    model_config, features, _ = model_inputs(db, index, settings, snapshot, needs)
     snapshot.check_unchanged(db, store.ITEMS)
-    meta, n_parameters, vector_dim = resolve_model(settings, snapshot, features, modalities)
+    meta, n_parameters, vector_dim = probe_model(settings, snapshot.n_items, model_config, features)
     if settings.resume:
         meta = resumed_meta(run_dir, meta, features, snapshot.n_items)
     vectors_table = settings.vectors_table or records.vectors_table_for(db, vector_dim)
@@ -145,11 +146,6 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
     return finish(db, settings, run_dir, result, features, index, base, started)
 
 
-def interval_scale(model_config: Mapping[str, Any]) -> float:
-    """The scale of HM4SR's interval index, which sizes its interval table from the data."""
-    return model_config.get("interval_scale", HM4SRConfig.interval_scale)
-
-
 def resolve_settings(config: Mapping[str, Any]) -> tuple[TrainConfig, RunDir]:
     """The run's settings (a resumed run: its saved ones, updated by what the call changes) and its directory."""
     settings = TrainConfig.from_dict(config)
@@ -166,65 +162,37 @@ def resolve_settings(config: Mapping[str, Any]) -> tuple[TrainConfig, RunDir]:
     return dataclasses.replace(settings, name=name), run_dir
 
 
-def ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init()  # under `ray job submit` this joins the cluster (RAY_ADDRESS)
-
-
-def config_fields(model: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(MODELS[model].config_class)}
-
-
-def model_features(db, index, settings: TrainConfig) -> tuple[dict[str, np.ndarray] | None, list[str] | None]:
-    """(the frozen item feature matrices the model uses, its modalities); (None, None) for an id-only model.
-
-    A model with `modalities` (HM4SR) uses the text/image streams the items have unless told otherwise,
-    and the category labels when its category loss is on.
-    """
-    if "modalities" not in config_fields(settings.model):
-        return None, None
-    stored = load_item_features(db, index)
-    defaults = MODELS[settings.model].config_class()
-    modalities = list(settings.model_config.get("modalities")
-                      or [m for m in defaults.modalities if m == "id" or stored.get(m) is not None])
-    features = {name: stored[name] for name in ("text", "image") if name in modalities and stored[name] is not None}
-    if settings.model_config.get("cp_weight", defaults.cp_weight):
-        if not stored["category_vocab"]:
-            raise store.StoreError("the items have no categories, which the category loss needs: set cp_weight 0")
-        features["categories"] = stored["categories"]
-    return features, modalities
+def model_inputs(db, index, settings: TrainConfig, snapshot: StoreSnapshot,
+                 needs: StoreNeeds) -> tuple[EncoderConfig, dict[str, np.ndarray] | None, DataFacts]:
+    """The model's config with what the data decides (its config class's from_data), the frozen item
+    feature matrices it is built with (None for a model that uses none), and the facts it was resolved from."""
+    stored = load_item_features(db, index) if needs.features else {}
+    matrices = {"text": stored.get("text"), "image": stored.get("image"),
+                "categories": stored["categories"] if stored.get("category_vocab") else None}
+    facts = DataFacts(settings.max_len, tuple(name for name in needs.features if matrices[name] is not None),
+                      snapshot.max_gap_s)
+    config = MODELS[settings.model].config_class.from_data(settings.model_config, facts)
+    return config, {name: matrices[name] for name in config.item_features()} or None, facts
 
 
-def resolve_model(settings: TrainConfig, snapshot: StoreSnapshot, features: dict[str, np.ndarray] | None,
-                  modalities: list[str] | None) -> tuple[dict, int, int]:
+def probe_model(settings: TrainConfig, n_items: int, model_config: EncoderConfig,
+                features: dict[str, np.ndarray] | None) -> tuple[dict, int, int]:
     """(checkpoint meta with the full model config, parameter count, item vector width) from a probe model.
 
     Building the model here turns a bad hyper-parameter or a missing feature into an error now.
     """
-    model_config = dict(settings.model_config, max_seq_len=settings.max_len)
-    if modalities is not None:
-        model_config["modalities"] = modalities
-    if "n_intervals" in config_fields(settings.model):
-        model_config["n_intervals"] = snapshot.max_interval_index
     item_features = None if features is None else ItemFeatures.from_numpy(features)
-    probe = create_model(settings.model, model_config, snapshot.n_items, item_features)
+    probe = create_model(settings.model, model_config, n_items, item_features)
     meta = {"model": settings.model, "model_config": json.loads(json.dumps(dataclasses.asdict(probe.config))),
-            "n_items": snapshot.n_items, "feature_dims": checkpoint.feature_dims(item_features)}
+            "n_items": n_items, "feature_dims": checkpoint.feature_dims(item_features)}
     return meta, sum(p.numel() for p in probe.parameters()), int(probe.item_representations().shape[1])
-
-
-# What the store decides: the run's own settings, and the modalities the items have (unless the user names them)
-DATA_DERIVED_MODEL_KEYS = sorted(SET_BY_THE_RUN | {"modalities"})
 
 
 def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: int) -> dict:
     """The meta a resumed run continues with: the checkpoint's model config, once the store still fits it.
 
     The checkpoint's config wins over today's defaults (a default changed since, like layer_norm_eps, must
-    not change a model half way); what the store decides must still match.
+    not change a model half way); what the store decides (the config's data_keys) must still match.
     """
     latest = run_dir.latest_checkpoint()
     if latest is None:
@@ -235,7 +203,8 @@ def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: in
     item_features = None if features is None else ItemFeatures.from_numpy(features)
     checkpoint.check_features(saved, item_features, n_items, latest.path)
     changed = [f"{key} (checkpoint: {saved['model_config'].get(key)!r}, store now: {meta['model_config'].get(key)!r})"
-               for key in DATA_DERIVED_MODEL_KEYS if saved["model_config"].get(key) != meta["model_config"].get(key)]
+               for key in sorted(MODELS[meta["model"]].config_class.data_keys())
+               if saved["model_config"].get(key) != meta["model_config"].get(key)]
     if changed:
         raise ValueError(f"the store no longer fits checkpoint {latest.path}: {', '.join(changed)}; start a new run")
     return {**meta, "model_config": saved["model_config"]}
