@@ -13,7 +13,6 @@ unset take the model's defaults (shown per model); with --resume, settings left 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -44,5 +43,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     sys.exit(main())

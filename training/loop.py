@@ -6,12 +6,13 @@
     features      object ref of the frozen item feature matrices, or None: fetched once per worker
     threads       torch intra-op threads for this worker
     batch_size    training rows per worker and step (the global batch size / num_workers)
+The epochs are training.steps.fit's, the same loop every caller runs; this module gives it the Ray edges.
 Each epoch every worker trains on its shard of "train" (DDP keeps the replicas identical), scores its
 share of "valid" against every item, and the sums are all-reduced, so all workers hold the same
 metrics; all of them call ray.train.report with those, rank 0 attaching the checkpoint. Training ends
 after `epochs`, after `patience` epochs without a gain in the monitored metric, or once the training
-seconds reach `time_budget_s`; then the best weights
-are scored on "test" the same way, reported once more and returned.
+seconds reach `time_budget_s`; then the best weights are scored on "test" the same way (history items
+ranked and masked), reported once more and returned.
 """
 from __future__ import annotations
 
