@@ -25,6 +25,7 @@ DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
 CHANGEABLE_ON_RESUME = frozenset({
     "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
     "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "max_failures", "fail_at",
+    "save_item_vectors", "save_plot",
     "precision",  # weights and optimizer state stay float32 whatever the autocast: checkpoints are the same
 })
 
@@ -89,6 +90,9 @@ class TrainConfig:
     vectors_table: str | None = field(default=None, metadata={
         "help": "table for the trained item vectors",
         "shown_default": "item_vectors, or item_vectors_<D> when item_vectors holds another width D"})
+    save_item_vectors: bool = field(default=True, metadata={
+        "help": "write the trained item vectors to --vectors-table (a sweep's trials do not)"})
+    save_plot: bool = field(default=True, metadata={"help": "write the learning-curve PNG beside the checkpoints"})
     # tests only: {"epoch", "step", "rank", "marker"}, see training.loop
     fail_at: dict[str, Any] | None = field(default=None, metadata={"cli": False})
 

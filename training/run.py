@@ -84,8 +84,8 @@ class RunResult:
     stop_reason: str
     test: dict[str, float]
     wall_time_s: float
-    plot: str
-    vectors_table: str
+    plot: str | None  # None: the run was told not to write it (save_plot, save_item_vectors)
+    vectors_table: str | None
     vectors_indexed: bool
 
     def lines(self) -> list[str]:
@@ -102,8 +102,9 @@ class RunResult:
               if nonfinite else []),
             f"test  {test}",
             f"checkpoint {self.checkpoint}",
-            f"item vectors in table {self.vectors_table}" + (" (indexed)" if self.vectors_indexed else ""),
-            f"learning curves {self.plot}",
+            *([f"item vectors in table {self.vectors_table}" + (" (indexed)" if self.vectors_indexed else "")]
+              if self.vectors_table else []),
+            *([f"learning curves {self.plot}"] if self.plot else []),
         ]
 
 
@@ -246,10 +247,13 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     with result.checkpoint.as_directory() as directory:
         progress = checkpoint.read_progress(directory)
         model = checkpoint.load_model(directory, None if features is None else ItemFeatures.from_numpy(features))
-    vectors = model.item_representations().detach().numpy()[1:]  # row 0 is padding
-    indexed = records.write_item_vectors(db, base["vectors_table"], run_dir.name, index.ids, vectors)
-    plot = run_dir.write_bytes(PLOT_FILE, records.learning_curves_png(
-        progress.history, settings.monitor_key, f"{run_dir.name} ({settings.model})"))
+    indexed, plot = False, None
+    if settings.save_item_vectors:
+        vectors = model.item_representations().detach().numpy()[1:]  # row 0 is padding
+        indexed = records.write_item_vectors(db, base["vectors_table"], run_dir.name, index.ids, vectors)
+    if settings.save_plot:
+        plot = run_dir.write_bytes(PLOT_FILE, records.learning_curves_png(
+            progress.history, settings.monitor_key, f"{run_dir.name} ({settings.model})"))
     test = {k: v for k, v in result.return_value.items() if k.startswith("test_")}
     history = progress.history
     wall = time.perf_counter() - started
@@ -265,4 +269,5 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     })
     return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
                      best_epoch=progress.best_epoch, stop_reason=progress.stop_reason, test=test,
-                     wall_time_s=wall, plot=plot, vectors_table=base["vectors_table"], vectors_indexed=indexed)
+                     wall_time_s=wall, plot=plot, vectors_table=base["vectors_table"] if settings.save_item_vectors else None,
+                     vectors_indexed=indexed)

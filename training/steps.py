@@ -67,6 +67,8 @@ def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch
         epoch = progress.epoch + 1
         metrics = train_and_validate(model, trainer_model, optimizer, scaler, settings, data, epoch,
                                      reporting.step_hook(epoch))
+        # a clock that epochs are not when batch size or training mode differ between runs (ASHA's time)
+        metrics["total_steps"] = sum(m.get("steps", 0) for m in progress.history) + metrics["steps"]
         if progress.record(metrics, settings):
             best_weights = weights_copy(model)
         metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
@@ -95,6 +97,7 @@ def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, o
     trained = time.perf_counter()
     validation = evaluate(model, data, "valid", "val", settings, settings.mask_history)
     rows, train_s = train.pop("rows"), train.pop("seconds") / data.world_size  # mean over the workers
+    steps = round(train.pop("steps") / data.world_size)  # DDP: every worker takes the same steps
     return {
         "epoch": epoch,
         **{name: value / rows for name, value in train.items()},
@@ -103,6 +106,7 @@ def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, o
         "train_s": train_s,
         "eval_s": time.perf_counter() - trained,
         "sequences": int(rows),
+        "steps": steps,
         "sequences_per_s": rows / train_s,
         "sequences_per_s_per_worker": rows / train_s / data.world_size,
     }
@@ -133,7 +137,7 @@ class LossModel(nn.Module):
 def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
                 batches: Iterable[dict[str, torch.Tensor]], before_step: Callable[[int], None],
                 precision: str, scaler: torch.amp.GradScaler) -> dict[str, float]:
-    """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, and "rows".
+    """One pass over the batches: "loss" and each part as "loss_<part>", summed over rows, "rows" and "steps".
 
     The forward pass runs under `precision`'s autocast; `scaler` (training.precision.grad_scaler) scales
     fp16 losses and passes other steps straight through.
@@ -154,7 +158,7 @@ def train_epoch(trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
         for name, value in {"loss": total.detach(), **{f"loss_{part}": v for part, v in parts.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value * size  # tensors: no device sync per step
         rows += size
-    return {name: float(value) for name, value in sums.items()} | {"rows": rows}
+    return {name: float(value) for name, value in sums.items()} | {"rows": rows, "steps": step + 1 if rows else 0}
 
 
 def length_sorted_batches(windows: Iterable[dict[str, torch.Tensor]], batch_size: int,
