@@ -36,13 +36,14 @@ def _cluster_is_remote() -> bool:
 
 if "ray" not in sys.modules and not _cluster_is_remote():
     os.environ.setdefault(LOOPBACK_NODE_ENV, "0")
+# The first ray.init writes ~/.ray/auth_token; from then on drivers and `ray job submit` need token mode. Ray
+# reads the mode when it is imported too (a driver that imports ray.tune before ensure_ray), so it is set here.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def ensure_ray() -> None:
     """Connect this process to Ray once: the cluster RAY_ADDRESS names, or else a new local instance on 127.0.0.1
     (never a cluster somebody else started on this machine)."""
-    # The first ray.init writes ~/.ray/auth_token; from then on drivers and `ray job submit` need token mode.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray._private import ray_constants
 
@@ -52,7 +53,25 @@ def ensure_ray() -> None:
         raise RuntimeError(
             f"Ray was imported before featurestore.raycluster (or with {LOOPBACK_NODE_ENV}=1), so a local Ray would "
             f"listen on every interface: import featurestore.raycluster first, or set RAY_ADDRESS to join a cluster")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    # Ray's own helpers inside the job (Train's placement-group cleaner asks the dashboard whether a stopped
+    # Tune trial's controller is gone) find "the" cluster by scanning this machine, and give up when another
+    # Ray instance runs here too: the trial's placement group then stays and the next trial cannot start. So
+    # the job's workers are told this instance's dashboard address.
+    dashboard_port = free_port()
+    ray.init(address="local", dashboard_port=dashboard_port,
+             runtime_env={"env_vars": {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 DATA_TASK_CPUS = 0.25  # every Ray Data read/transform task asks for this much

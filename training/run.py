@@ -35,6 +35,10 @@ from training.data import StoreSnapshot, data_config, ensure_dataset, example_da
 from training.resources import WORKER_ENV_VARS, WorkerPlan, plan_for_cluster
 
 SETTINGS_FILE = "train_config.json"
+# Ray Train retries a worker group that does not start (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+# forever by default: a placement group a stopped Tune trial never released then hangs the next run. After
+# this many attempts the run fails with Ray's WorkerGroupStartupTimeoutError instead.
+WORKER_GROUP_START_ATTEMPTS = 5
 PLOT_FILE = "learning_curves.png"
 
 
@@ -232,7 +236,8 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
         # the best checkpoint by the monitored metric; Ray Train always keeps the latest one as well
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=settings.monitor_key,
                                            checkpoint_score_order="max"),
-        failure_config=FailureConfig(max_failures=settings.max_failures),
+        failure_config=FailureConfig(max_failures=settings.max_failures,
+                                     controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
     return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features),

@@ -71,7 +71,9 @@ def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch
         metrics["total_steps"] = sum(m.get("steps", 0) for m in progress.history) + metrics["steps"]
         if progress.record(metrics, settings):
             best_weights = weights_copy(model)
-        metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch}
+        # the stop reason too: a reporter (a Tune trial) then knows the run ended by itself, not by its scheduler
+        metrics |= {"best_epoch": progress.best_epoch, "is_best": progress.best_epoch == epoch,
+                    "stop_reason": progress.stop_reason}
         if data.rank == 0:
             reporting.line(epoch_line(metrics, settings))
         reporting.epoch_done(metrics, progress, best_weights)
