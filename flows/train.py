@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from training.cli import add_train_arguments, settings_from  # noqa: E402
+from training.cli import add_train_arguments, run_job, settings_from  # noqa: E402
 
 
 def parse_args(argv=None) -> dict:
@@ -30,16 +30,9 @@ def parse_args(argv=None) -> dict:
 
 def main(argv=None) -> int:
     settings = parse_args(argv)
-    from featurestore.store import StoreError
     from training import run_training
 
-    try:
-        result = run_training(settings)
-    except (ValueError, StoreError) as e:  # bad settings or store: nothing was trained
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(result.lines()))
-    return 0
+    return run_job(lambda: run_training(settings))
 
 
 if __name__ == "__main__":

@@ -13,21 +13,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
-from featurestore import movielens, store
-from featurestore.encode import items_schema
+from featurestore import store
 from featurestore.interactions import INTERACTIONS_SCHEMA
 from featurestore.sequences import make_examples, read_sequences, split_counts
 from recmodels import create_model
 from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
-from training.data import ensure_dataset
 from training.evaluate import numpy_batches, prefixed_means, ranking_sums
 from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
 from training.steps import epoch_line, length_sorted_batches
+
+from ml100k_store import build_ml100k_store, write_items  # tests/ helper
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_DIM = 32
@@ -172,25 +171,9 @@ def test_item_vectors_replace_a_runs_rows_get_an_index_and_refuse_another_width(
 # ---------------------------------------------------------------- a MovieLens-100k store
 
 
-def write_items(db, text_dim: int) -> None:
-    """ML-100k's items with random unit text vectors (seeded) of width text_dim."""
-    items = movielens.load_items("ml-100k")
-    vectors = np.random.default_rng(0).normal(size=(len(items), text_dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    schema = items_schema(text_dim, 8)
-    given = {"item_id": items["item_id"].tolist(), "text": items["title"].tolist(),
-             "categories": items["genres"].tolist(),
-             "text_emb": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), text_dim)}
-    columns = [given.get(f.name, pa.nulls(len(items), f.type)) for f in schema]
-    db.create_table(store.ITEMS, data=pa.table(columns, schema=schema), mode="overwrite")
-
-
 @pytest.fixture(scope="module")
 def ml100k(ray_local, tmp_path_factory):
-    db = store.connect(str(tmp_path_factory.mktemp("ml100k") / "db"))
-    write_items(db, TEXT_DIM)
-    ensure_dataset(db, "ml-100k")  # the items are there: imports the interactions, builds the sequences
-    return db
+    return build_ml100k_store(str(tmp_path_factory.mktemp("ml100k") / "db"), TEXT_DIM)
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from recmodels import MODELS
@@ -118,3 +119,17 @@ def value_text(value: Any) -> str:
     if value is None or value is False:
         return ""
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def run_job(job: Callable[[], Any]) -> int:
+    """A flow's exit status: run `job` and print its result's lines (0), or one line for a user error (2):
+    bad settings, a bad space or an unusable store, found before anything trained."""
+    from featurestore.store import StoreError
+
+    try:
+        result = job()
+    except (ValueError, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(result.lines()))
+    return 0

@@ -1,6 +1,8 @@
-"""Ray Tune sweeps over the training runs: search spaces (tuning.space)."""
+"""Ray Tune sweeps over the training runs: search spaces (tuning.space), the sweep (tuning.sweep) and what it
+leaves behind (tuning.records: the `sweeps` table, leaderboard, plots, final seeds)."""
 from tuning.space import (PRIMITIVES, SpaceError, check_space, default_space, load_space, param_space,
                           searched_keys, trial_settings)
+from tuning.sweep import SweepConfig, SweepResult, run_sweep
 
 __all__ = ["PRIMITIVES", "SpaceError", "check_space", "default_space", "load_space", "param_space",
-           "searched_keys", "trial_settings"]
+           "searched_keys", "trial_settings", "SweepConfig", "SweepResult", "run_sweep"]

@@ -1,0 +1,98 @@
+"""Ray Tune sweeps (flows/tune.py, tuning.sweep, tuning.records): trial sizing, argument checks before Ray
+starts, and a real sweep on MovieLens-100k in its own Ray instance, where ASHA stops a hopeless trial and the
+trials after it still start."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featurestore import store
+from featurestore.raycluster import ResourcePlanError
+from training import TrainConfig
+from training.records import read_runs
+from tuning.records import SWEEPS
+from tuning.sweep import TRIAL_DRIVER_CPUS, SweepConfig, plan_trials
+
+from ml100k_store import build_ml100k_store  # tests/ helper
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = str(REPO / "flows" / "tune.py")
+
+
+def tune_command(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray instance
+    return subprocess.run([sys.executable, TUNE, *args], capture_output=True, text=True, env=env, timeout=1500)
+
+
+def test_trials_are_sized_so_they_never_wait_on_each_other_and_leave_ray_data_its_cpus():
+    shared = plan_trials(2.0, TrainConfig(), max_concurrent=None)  # one trial gets what Ray Data leaves
+    assert (shared.max_concurrent, shared.cpus_per_worker) == (1, 2.0 - 0.5 - TRIAL_DRIVER_CPUS)
+    fitted = plan_trials(16.0, TrainConfig(num_workers=2, cpus_per_worker=1.0), max_concurrent=None)
+    assert fitted.max_concurrent == 6  # (16 - 0.5) // (0.25 + 2 x 1)
+    assert plan_trials(16.0, TrainConfig(num_workers=2, cpus_per_worker=1.0), max_concurrent=2).max_concurrent == 2
+    with pytest.raises(ResourcePlanError, match="do not fit"):
+        plan_trials(2.0, TrainConfig(cpus_per_worker=2.0), max_concurrent=None)
+
+
+def test_sweep_settings_are_checked():
+    with pytest.raises(ValueError, match="resume needs the name"):
+        SweepConfig(sweep_resume=True)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        SweepConfig(num_samples=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "invalid choice: 'nope'"),
+    (["--model", "sasrec", "--space", "SPACE"], "'n_experts'"),
+    (["--model", "sasrec", "--name", "x"], "--sweep-name"),
+    (["--model", "sasrec", "--search", "optuna", "--space", "GRID"], "grid"),
+])
+def test_bad_arguments_and_spaces_fail_with_one_message_before_ray_starts(tmp_path, args, message):
+    (tmp_path / "bad.yaml").write_text("n_experts: {choice: [1, 2]}\n")  # a FAME key, not SASRec's
+    (tmp_path / "grid.yaml").write_text("lr: {grid: [0.001, 0.002]}\n")
+    args = [{"SPACE": str(tmp_path / "bad.yaml"), "GRID": str(tmp_path / "grid.yaml")}.get(a, a) for a in args]
+    done = tune_command(*args, "--storage", str(tmp_path / "runs"), "--db", str(tmp_path / "db"))
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "db").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tmp_path):
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.005, 0.000001, 0.006, 0.008]}\n")  # the second cannot learn in 3 epochs
+    runs = tmp_path / "runs"
+    done = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--space", str(space),
+                        "--search", "grid", "--num-samples", "1", "--grace-period", "1", "--epochs", "3",
+                        "--monitor", "ndcg@10", "--max-len", "20", "--hidden-size", "16", "--n-layers", "1",
+                        "--batch-size", "256", "--final-seeds", "2", "--sweep-name", "grid")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sum(line.startswith("trial ") for line in done.stdout.splitlines()) == 4  # a line per trial
+
+    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    assert len(trials) == 4 and set(trials.sweep_id) == {"grid"}
+    hopeless = trials.loc[json.dumps({"lr": 1e-06})]
+    assert (hopeless.status, hopeless.stop_reason) == ("stopped", "ASHA") and hopeless.epochs < 3
+    later = trials.loc[[json.dumps({"lr": 0.006}), json.dumps({"lr": 0.008})]]
+    assert (later.epochs >= 1).all()  # the trials after the stopped one started: its workers were released
+    assert set(trials.status) <= {"finished", "stopped"}  # ASHA or the epoch limit ended every trial
+    finished = trials[trials.status == "finished"]
+    assert len(finished) >= 1 and (finished.stop_reason == "epochs").all() and (finished.epochs == 3).all()
+    assert (trials.steps == trials.epochs * 36).all()  # ceil(9,189 windows at L 20 / 256) per epoch
+    recorded = read_runs(db).set_index("run_id")
+    assert set(finished.run_id) <= set(recorded.index)
+
+    for name in ("leaderboard.md", "best_so_far.png", "learning_curves.png", "metric_by_parameter.png"):
+        assert (runs / "grid" / name).stat().st_size > 0
+    board = (runs / "grid" / "leaderboard.md").read_text()
+    best = trials.best_value.idxmax()
+    assert f"| 1 | {trials.loc[best].trial_id} |" in board
+
+    final = json.loads((runs / "grid" / "final_seeds.json").read_text())
+    assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
+    assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
+    assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]

@@ -1,0 +1,259 @@
+"""A Ray Tune sweep over training.run_training: one trial = one training run, records and a leaderboard after.
+
+    from tuning import SweepConfig, default_space, run_sweep
+    result = run_sweep({"model": "sasrec", "dataset": "ml-100k", "epochs": 30}, default_space("sasrec"),
+                       SweepConfig(num_samples=16))
+
+The trainable is a driver function (the Train V2 pattern): each trial calls run_training with its sampled
+settings and TuneReportCallback, which hands Tune every epoch's rank-0 metrics. Tune restores nothing itself
+(it gets checkpoint paths only), so a trial's run is named after its trial id and a restarted trial resumes
+that run. The sweep driver prepares the store once, before any trial, and sizes the trials so that they
+never wait on each other's workers and always leave Ray Data its CPUs. ASHA's clock is the run's
+cumulative optimizer steps: epochs are not comparable when batch size or training mode is searched.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import product
+from typing import Any
+
+from featurestore import store
+from featurestore.raycluster import DATA_CPU_RESERVE, ResourcePlanError, ensure_ray  # before Ray is imported
+from featurestore.sequences import split_counts
+from ray import tune
+from training.config import TrainConfig
+from training.data import ensure_dataset
+from tuning.space import check_space, param_space, trial_settings
+
+SEARCHES = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "none")
+TRIAL_DRIVER_CPUS = 0.25  # a trial's driver reads the store and waits on its Train workers
+STEP_KEYS = ("batch_size", "train_mode", "window_stride")  # the settings that decide steps per epoch
+
+
+@dataclass
+class SweepConfig:
+    """A sweep's own settings; every training setting is fixed for all trials in the settings dict."""
+
+    sweep_name: str | None = field(default=None, metadata={"help": "sweep name (its directory under --storage)",
+                                                     "shown_default": "<model>-sweep-<date>-<time>"})
+    num_samples: int = field(default=16, metadata={"help": "trials (with --search grid: runs of the whole grid)"})
+    search: str = field(default="optuna", metadata={"help": "Optuna TPE, random sampling, or the space's grid",
+                                                    "choices": SEARCHES})
+    scheduler: str = field(default="asha", metadata={"help": "asha stops weak trials early; none runs all",
+                                                     "choices": SCHEDULERS})
+    grace_period: int = field(default=1, metadata={
+        "help": "ASHA: epochs a trial runs before it can be stopped, counted as the optimizer steps of that many "
+                "epochs of the space's cheapest configuration"})
+    reduction_factor: int = field(default=2, metadata={"help": "ASHA: keep 1 of this many trials per rung"})
+    max_concurrent: int | None = field(default=None, metadata={
+        "help": "trials at once", "shown_default": "as many as the cluster's CPUs fit"})
+    sweep_seed: int = field(default=0, metadata={"help": "the searcher's seed: the same seed samples the same trials"})
+    sweep_time_budget_s: float | None = field(default=None, metadata={"help": "stop starting trials after this long"})
+    sweep_resume: bool = field(default=False, metadata={"help": "continue the interrupted sweep --sweep-name"})
+    retry_errored: bool = field(default=False, metadata={"help": "with --sweep-resume: run errored trials again"})
+    final_seeds: int = field(default=3, metadata={
+        "help": "train the best configuration again with seeds 1..N to early stopping (0: skip)"})
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in
+                    ("num_samples", "grace_period", "reduction_factor") if getattr(self, name) < 1]
+        if self.search not in SEARCHES or self.scheduler not in SCHEDULERS:
+            problems.append(f"search must be one of {SEARCHES} and scheduler one of {SCHEDULERS}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            problems.append(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.final_seeds < 0:
+            problems.append(f"final_seeds must be >= 0, got {self.final_seeds}")
+        if self.sweep_resume and not self.sweep_name:
+            problems.append("resume needs the name of the sweep to continue (--sweep-name)")
+        if self.retry_errored and not self.sweep_resume:
+            problems.append("retry_errored applies to a resumed sweep (--sweep-resume)")
+        if problems:
+            raise ValueError("invalid sweep settings: " + "; ".join(problems))
+
+
+@dataclass
+class TrialPlan:
+    """How many trials run at once and what each one's workers ask for."""
+
+    max_concurrent: int
+    cpus_per_worker: float
+
+    def __str__(self) -> str:
+        return (f"{self.max_concurrent} trial(s) at once, each a driver ({TRIAL_DRIVER_CPUS:g} CPU) and workers "
+                f"of {self.cpus_per_worker:g} CPU")
+
+
+def plan_trials(cluster_cpus: float, settings: TrainConfig, max_concurrent: int | None) -> TrialPlan:
+    """Trials never wait on each other's workers, and Ray Data keeps DATA_CPU_RESERVE: explicit per-trial CPUs.
+
+    cpus_per_worker given: as many trials as fit (or max_concurrent, if they fit); unset: the CPUs the cluster
+    has beside Ray Data and the trial drivers, shared by max_concurrent (default 1) trials' workers.
+    """
+    usable = cluster_cpus - DATA_CPU_RESERVE
+    per_trial_workers = settings.num_workers
+    if settings.cpus_per_worker is None:
+        concurrent = max_concurrent or 1
+        cpus = round((usable - concurrent * TRIAL_DRIVER_CPUS) / (concurrent * per_trial_workers), 3)
+    else:
+        cpus = settings.cpus_per_worker
+        fits = math.floor(usable / (TRIAL_DRIVER_CPUS + per_trial_workers * cpus) + 1e-9)
+        concurrent = min(max_concurrent or fits, fits)
+    if cpus <= 0 or concurrent < 1 or concurrent * (TRIAL_DRIVER_CPUS + per_trial_workers * cpus) > usable + 1e-9:
+        raise ResourcePlanError(
+            f"{max_concurrent or 1} trial(s) of {per_trial_workers} worker(s) do not fit the cluster's "
+            f"{cluster_cpus:g} CPUs beside Ray Data's {DATA_CPU_RESERVE:g} and {TRIAL_DRIVER_CPUS:g} per trial "
+            f"driver: use fewer --max-concurrent or --num-workers, or a smaller --cpus-per-worker")
+    return TrialPlan(concurrent, cpus)
+
+
+def finite_values(spec: Mapping[str, Any]) -> list:
+    """The values a spec can take at its corners: a choice's or grid's values, a range's two ends."""
+    (primitive, args), = ((k, v) for k, v in spec.items() if k in ("choice", "grid", "uniform", "loguniform", "randint"))
+    if primitive in ("choice", "grid"):
+        return list(args)
+    return [args[0], args[1] - 1] if primitive == "randint" else list(args)
+
+
+def steps_per_epoch_range(rows, settings: TrainConfig, space: Mapping[str, Any]) -> tuple[int, int]:
+    """(fewest, most) optimizer steps in an epoch over the space's corners of batch size, mode and stride."""
+    corners = [finite_values(space[key]) if key in space else [getattr(settings, key)] for key in STEP_KEYS]
+    steps = []
+    for batch_size, mode, stride in product(*corners):
+        counts = split_counts(rows, settings.max_len, stride)
+        steps.append(math.ceil(counts[f"train_examples_{mode}"] / batch_size))
+    return min(steps), max(steps)
+
+
+def sweep_name(settings: TrainConfig, sweep: SweepConfig) -> str:
+    return sweep.sweep_name or f"{settings.model}-sweep-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: SweepConfig) -> "SweepResult":
+    """Check everything, prepare the store once, run (or resume) the Tune sweep, record it, train the best
+    configuration with the final seeds. Bad settings or a bad space raise before any trial starts."""
+    from tuning.records import finish_sweep
+
+    base = TrainConfig.from_dict(settings)
+    check_space(dict(space), base.model, sweep.search, base.to_dict())
+    name = sweep_name(base, sweep)
+    started = time.perf_counter()
+    ensure_ray()
+    import ray
+
+    db = store.connect(base.db)
+    if base.dataset:
+        ensure_dataset(db, base.dataset)  # here, once: the trials then only read the store
+    rows = store.read_columns(db, "sequences", ["item_idx"])
+    fewest, most = steps_per_epoch_range(rows, base, space)
+    plan = plan_trials(ray.cluster_resources().get("CPU", 0.0), base, sweep.max_concurrent)
+    trial_base = {**base.to_dict(), "cpus_per_worker": plan.cpus_per_worker, "dataset": None,
+                  "storage": f"{base.storage.rstrip('/')}/{name}/runs", "save_item_vectors": False,
+                  "save_plot": False}
+    print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
+          f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch", flush=True)
+    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, fewest, most)
+    grid = tuner.fit()
+    return finish_sweep(db, name, base, trial_base, dict(space), sweep, grid, time.perf_counter() - started)
+
+
+def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, sweep: SweepConfig, plan: TrialPlan,
+                fewest_steps: int, most_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
+    # reservations take the CPUs the running trial's Train workers need, and they never start
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
+    trainable = tune.with_resources(TrialRunner(name, trial_base, space), {"cpu": TRIAL_DRIVER_CPUS})
+    path = f"{base.storage.rstrip('/')}/{name}"
+    if sweep.sweep_resume:
+        if not tune.Tuner.can_restore(path):
+            raise ValueError(f"nothing to resume: no sweep {name!r} in {base.storage}")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=sweep.retry_errored, param_space=param_space(space))
+    # ASHA's max_t is just past --epochs of the configuration with the most steps per epoch: ASHA stops a trial
+    # that reaches max_t at once, so a trial at its own epoch limit must not (it still scores its test split
+    # and writes its run record); the grace period is that many epochs of the cheapest configuration
+    scheduler = (ASHAScheduler(time_attr="total_steps", max_t=base.epochs * most_steps + 1,
+                               grace_period=sweep.grace_period * fewest_steps,
+                               reduction_factor=sweep.reduction_factor)
+                 if sweep.scheduler == "asha" else FIFOScheduler())
+    # a trial's driver needs little, so Tune would start every trial at once: the limit must hold, or their
+    # Train workers wait on each other (Tune applies max_concurrent_trials to a Searcher, not to a generator)
+    search = (OptunaSearch(seed=sweep.sweep_seed) if sweep.search == "optuna"
+              else BasicVariantGenerator(random_state=sweep.sweep_seed, max_concurrent=plan.max_concurrent))
+    return tune.Tuner(
+        trainable, param_space=param_space(space),
+        tune_config=tune.TuneConfig(metric=base.monitor_key, mode="max", num_samples=sweep.num_samples,
+                                    scheduler=scheduler, search_alg=search, max_concurrent_trials=plan.max_concurrent,
+                                    time_budget_s=sweep.sweep_time_budget_s),
+        run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[TrialLines(base.monitor_key)],
+                                  verbose=0))
+
+
+class TrialRunner:
+    """The trainable: one training run with the trial's settings, named after the trial, resumed if restarted."""
+
+    def __init__(self, sweep_name: str, trial_base: dict, space: dict):
+        self.sweep_name, self.trial_base, self.space = sweep_name, trial_base, space
+
+    def __call__(self, params: dict) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from training import run_training
+        from training.run import SETTINGS_FILE, RunDir
+
+        settings = trial_settings(self.trial_base, params, self.space)
+        settings["name"] = run_id(self.sweep_name, tune.get_context().get_trial_id())
+        settings["resume"] = RunDir(settings["storage"], settings["name"]).exists(SETTINGS_FILE)
+        run_training(settings, callbacks=[TuneReportCallback()])
+
+
+def run_id(sweep_name: str, trial_id: str) -> str:
+    """A trial's run id in `runs`, which every sweep and run of the store shares."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_line(trial, monitor_key: str, errored: bool) -> str:
+    """One line per finished trial: its configuration, epochs, stop reason, metric and seconds."""
+    result = trial.last_result or {}
+    stop = "an error" if errored else result.get("stop_reason") or "ASHA"  # a run's last epoch names its own stop
+    metric = result.get(monitor_key)
+    shown = "-" if metric is None else f"{metric:.4f}"
+    return (f"trial {trial.trial_id}: {json.dumps(trial.config, sort_keys=True)} | {result.get('epoch', 0)} "
+            f"epochs, stopped by {stop} | {monitor_key} {shown} | {result.get('time_total_s', 0):.0f} s")
+
+
+class TrialLines(tune.Callback):
+    def __init__(self, monitor_key: str):
+        self.monitor_key = monitor_key
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(trial_line(trial, self.monitor_key, errored=False), flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(trial_line(trial, self.monitor_key, errored=True), flush=True)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str  # the sweep's directory: Tune's results, the runs, the leaderboard and plots
+    leaderboard: str  # markdown
+    best: dict | None  # the best trial's record
+    final: dict | None  # the final seeds' mean and std test metrics
+    files: list[str]
+    wall_time_s: float
+
+    def lines(self) -> list[str]:
+        return [self.leaderboard, *(f"wrote {path}" for path in self.files),
+                f"sweep {self.name}: {self.wall_time_s:.0f} s"]
+
