@@ -96,3 +96,34 @@ def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tm
     assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
     assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
     assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(tmp_path):
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.005, 0.006, 0.008]}\n")
+    args = ["--model", "sasrec", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
+            "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "2", "--max-len", "20",
+            "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "0",
+            "--sweep-name", "cut"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, TUNE, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env)
+    for line in driver.stdout:  # the first trial is done: kill the sweep's driver (and its Ray) at once
+        if line.startswith("trial "):
+            driver.kill()
+            break
+    driver.wait(timeout=60)
+    first = read_runs(db).set_index("run_id")
+    assert len(first) == 1 and first.status.iloc[0] == "finished"
+
+    done = tune_command(*args, "--sweep-resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = store.open_table(db, SWEEPS).to_pandas()
+    assert len(trials) == 3 and (trials.status == "finished").all() and (trials.epochs == 2).all()
+    runs = read_runs(db).set_index("run_id")
+    assert set(trials.run_id) == set(runs.index) and (runs.epochs_run == 2).all()
+    # the trial that had finished was not trained again: if Tune restarts it, its run continues from its last
+    # checkpoint (epoch 2) straight to the test split, and that checkpoint stays the latest
+    assert runs.loc[first.index[0]].checkpoint == first.checkpoint.iloc[0]

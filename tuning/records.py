@@ -59,11 +59,14 @@ def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: d
     for trial in analysis.trials:
         run = run_id(name, trial.trial_id)
         record = None if finished is None or run not in finished.index else finished.loc[run]
-        history = analysis.trial_dataframes.get(trial.trial_id)  # a row per report: the epochs, then the final
         result = trial.last_result or {}
-        reported = history is not None and "steps" in history
-        epochs = history[history["steps"].notna()] if reported else None  # the final report has no steps
-        monitored = epochs[base.monitor_key].tolist() if reported else []
+        if record is not None and record.status == "finished":  # the run's own history: whole, even when Tune
+            epochs = record.epochs  # restarted the trial after it finished (it then only scored its test split)
+        else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps)
+            history = analysis.trial_dataframes.get(trial.trial_id)
+            epochs = ([] if history is None or "steps" not in history
+                      else history[history["steps"].notna()].to_dict("records"))
+        monitored = [float(m[base.monitor_key]) for m in epochs]
         if trial.status == "ERROR":
             status, stop = "errored", error_text(trial)
         elif record is not None and record.status == "finished":
@@ -73,7 +76,7 @@ def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: d
         records.append({
             "sweep_id": name, "trial_id": trial.trial_id, "model": base.model,
             "config": json.dumps(trial.config, sort_keys=True), "status": status, "stop_reason": stop,
-            "epochs": len(monitored), "steps": int(epochs["total_steps"].max()) if reported else 0,
+            "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
             "best_value": float(max(monitored)) if len(monitored) else None, "run_id": run,
             "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
             "table_versions": json.dumps(versions), "recorded_at": now(), "curve": monitored,
