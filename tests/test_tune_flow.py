@@ -14,7 +14,7 @@ from featurestore.raycluster import ResourcePlanError
 from training import TrainConfig
 from training.records import read_runs
 from tuning.records import SWEEPS
-from tuning.sweep import TRIAL_DRIVER_CPUS, SweepConfig, plan_trials
+from tuning.sweep import TRIAL_DRIVER_CPUS, SweepConfig, plan_trials, steps_per_epoch_range
 
 from ml100k_store import build_ml100k_store  # tests/ helper
 
@@ -35,6 +35,14 @@ def test_trials_are_sized_so_they_never_wait_on_each_other_and_leave_ray_data_it
     assert plan_trials(16.0, TrainConfig(num_workers=2, cpus_per_worker=1.0), max_concurrent=2).max_concurrent == 2
     with pytest.raises(ResourcePlanError, match="do not fit"):
         plan_trials(2.0, TrainConfig(cpus_per_worker=2.0), max_concurrent=None)
+
+
+def test_asha_clock_spans_the_steps_per_epoch_of_every_batch_size_and_mode_the_space_can_pick():
+    rows = {"item_idx": [list(range(1, 30))] * 10}  # 10 users, 26 training targets each
+    space = {"batch_size": {"choice": [4, 10]}, "train_mode": {"choice": ["all", "last"]}}
+    # at L 20 and stride 10: 2 windows a user (20 in all) or 260 prefixes
+    assert steps_per_epoch_range(rows, TrainConfig(max_len=20), space) == (2, 65)
+    assert steps_per_epoch_range(rows, TrainConfig(max_len=20, batch_size=8), {}) == (3, 3)
 
 
 def test_sweep_settings_are_checked():
@@ -127,3 +135,21 @@ def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(tmp_p
     # the trial that had finished was not trained again: if Tune restarts it, its run continues from its last
     # checkpoint (epoch 2) straight to the test split, and that checkpoint stays the latest
     assert runs.loc[first.index[0]].checkpoint == first.checkpoint.iloc[0]
+
+
+@pytest.mark.slow
+def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_and_the_others_finish(tmp_path):
+    """check_space cannot know the store: HM4SR's category loss on items without categories fails in its trial."""
+    db = build_ml100k_store(str(tmp_path / "db"), 16, categories=False)
+    space = tmp_path / "space.yaml"
+    space.write_text("cp_weight: {grid: [0.5, 0.0]}\n")
+    done = tune_command("--model", "hm4sr", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
+                        "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "1",
+                        "--max-len", "20", "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256",
+                        "--idcl-weight", "0", "--pcl-weight", "0", "--final-seeds", "0", "--sweep-name", "cats")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    errored = trials.loc[json.dumps({"cp_weight": 0.5})]
+    assert errored.status == "errored" and "the items have no categories" in errored.stop_reason
+    assert trials.loc[json.dumps({"cp_weight": 0.0})].status == "finished"
+    assert "errored: trial" in (tmp_path / "runs" / "cats" / "leaderboard.md").read_text()

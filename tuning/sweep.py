@@ -20,7 +20,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import product
 from typing import Any
 
 from featurestore import store
@@ -29,7 +28,7 @@ from featurestore.sequences import split_counts
 from ray import tune
 from training.config import TrainConfig
 from training.data import ensure_dataset
-from tuning.space import check_space, param_space, trial_settings
+from tuning.space import check_space, finite_combinations, param_space, trial_settings
 
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
@@ -113,21 +112,14 @@ def plan_trials(cluster_cpus: float, settings: TrainConfig, max_concurrent: int 
     return TrialPlan(concurrent, cpus)
 
 
-def finite_values(spec: Mapping[str, Any]) -> list:
-    """The values a spec can take at its corners: a choice's or grid's values, a range's two ends."""
-    (primitive, args), = ((k, v) for k, v in spec.items() if k in ("choice", "grid", "uniform", "loguniform", "randint"))
-    if primitive in ("choice", "grid"):
-        return list(args)
-    return [args[0], args[1] - 1] if primitive == "randint" else list(args)
-
-
 def steps_per_epoch_range(rows, settings: TrainConfig, space: Mapping[str, Any]) -> tuple[int, int]:
-    """(fewest, most) optimizer steps in an epoch over the space's corners of batch size, mode and stride."""
-    corners = [finite_values(space[key]) if key in space else [getattr(settings, key)] for key in STEP_KEYS]
+    """(fewest, most) optimizer steps in an epoch over the space's finite values of batch size, mode and stride."""
+    steps_space = {key: space[key] for key in STEP_KEYS if key in space}
     steps = []
-    for batch_size, mode, stride in product(*corners):
-        counts = split_counts(rows, settings.max_len, stride)
-        steps.append(math.ceil(counts[f"train_examples_{mode}"] / batch_size))
+    for params in finite_combinations(steps_space):  # one empty combination when none of them is searched
+        trial = TrainConfig.from_dict(trial_settings(settings.to_dict(), params, steps_space))
+        counts = split_counts(rows, trial.max_len, trial.window_stride)
+        steps.append(math.ceil(counts[f"train_examples_{trial.train_mode}"] / trial.batch_size))
     return min(steps), max(steps)
 
 
