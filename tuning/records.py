@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from featurestore import store
+from ray import tune
 from training import run_training
 from training.config import TrainConfig
-from training.records import now
+from training.records import RUNS, now, read_runs
 from training.run import RunDir
 from tuning.space import searched_keys, trial_settings
+from tuning.sweep import SweepResult, continuing, run_id
 
 SWEEPS = "sweeps"
 LEADERBOARD_FILE, TRIALS_PLOT, CURVES_PLOT, PARAMS_PLOT = ("leaderboard.md", "best_so_far.png", "learning_curves.png",
@@ -48,11 +50,6 @@ SWEEPS_SCHEMA = pa.schema([
 def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: dict, versions: dict) -> list[dict]:
     """One record per trial from Tune's results in `path`; a trial finished when its run wrote its record
     (one that ASHA stopped never gets that far)."""
-    from ray import tune
-
-    from training.records import RUNS, read_runs
-    from tuning.sweep import run_id
-
     analysis = tune.ExperimentAnalysis(path)
     finished = read_runs(db).set_index("run_id") if RUNS in store.table_names(db) else None
     records = []
@@ -161,8 +158,7 @@ def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str
     for seed in range(1, seeds + 1):
         settings = trial_settings(trial_base, best["params"], space) | {
             "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
-        settings["resume"] = RunDir(settings["storage"], settings["name"]).exists("train_config.json")
-        result = run_training(settings)
+        result = run_training(continuing(settings))
         print("\n".join(result.lines()), flush=True)
         runs.append(result)
     metrics = sorted(runs[0].test)
@@ -173,8 +169,6 @@ def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str
 
 def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, grid, wall_s: float):
     """Records, leaderboard and plots from the finished sweep, then the final seeds."""
-    from tuning.sweep import SweepResult
-
     run_dir = RunDir(base.storage, name)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
     sweep_settings = {"training": base.to_dict(), "sweep": asdict(sweep)}

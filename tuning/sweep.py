@@ -201,12 +201,17 @@ class TrialRunner:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from training import run_training
-        from training.run import SETTINGS_FILE, RunDir
 
         settings = trial_settings(self.trial_base, params, self.space)
         settings["name"] = run_id(self.sweep_name, tune.get_context().get_trial_id())
-        settings["resume"] = RunDir(settings["storage"], settings["name"]).exists(SETTINGS_FILE)
-        run_training(settings, callbacks=[TuneReportCallback()])
+        run_training(continuing(settings), callbacks=[TuneReportCallback()])
+
+
+def continuing(settings: dict) -> dict:
+    """The settings with resume set when their run already exists (a restarted trial, a resumed sweep)."""
+    from training.run import SETTINGS_FILE, RunDir
+
+    return settings | {"resume": RunDir(settings["storage"], settings["name"]).exists(SETTINGS_FILE)}
 
 
 def run_id(sweep_name: str, trial_id: str) -> str:
