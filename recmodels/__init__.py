@@ -20,5 +20,6 @@ def create_model(name: str, config: Mapping[str, Any] | EncoderConfig | None, n_
     return MODELS[name](config, n_items, features)
 
 
-__all__ = ["MODELS", "create_model", "ItemFeatures", "SequentialRecommender", "EncoderConfig", "StoreNeeds", "DataFacts",
+__all__ = ["MODELS", "create_model", "ItemFeatures", "SequentialRecommender", "EncoderConfig", "StoreNeeds",
+           "DataFacts",
            "SASRec", "SASRecConfig", "FAME", "FAMEConfig", "HM4SR", "HM4SRConfig"]

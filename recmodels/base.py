@@ -95,14 +95,13 @@ class ItemFeatures:
 # Field metadata {"from_data": ...}: "always", the data sets the field (never a user); "unless_given", the data
 # sets it when the user does not. {"cli": False} keeps a field off the command line (training.cli).
 SET_BY_DATA = {"from_data": "always", "cli": False}
-FEATURE_NAMES = ("text", "image", "categories")  # the item feature matrices the store can give a model
 
 
 @dataclass(frozen=True)
 class StoreNeeds:
     """What a model config asks of the feature store besides the item sequences."""
 
-    features: tuple[str, ...] = ()  # item feature matrices it may use, of FEATURE_NAMES
+    features: tuple[str, ...] = ()  # item feature matrices it may use: "text", "image", "categories"
     max_gap: bool = False  # the largest gap (seconds) between consecutive items of a training history
 
 
@@ -159,7 +158,7 @@ class EncoderConfig:
         return build_config(cls, {**given, "max_seq_len": facts.max_len})
 
     def item_features(self) -> tuple[str, ...]:
-        """The item feature matrices (of FEATURE_NAMES) a model of this config is built with."""
+        """The item feature matrices ("text", "image", "categories") a model of this config is built with."""
         return ()
 
 

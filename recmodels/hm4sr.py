@@ -98,7 +98,8 @@ class HM4SRConfig(EncoderConfig):
 
     def item_features(self) -> tuple[str, ...]:
         """The feature streams among its modalities, and the category labels when the category loss is on."""
-        return tuple(m for m in FEATURE_MODALITIES if m in self.modalities) + (("categories",) if self.cp_weight else ())
+        streams = tuple(m for m in FEATURE_MODALITIES if m in self.modalities)
+        return streams + (("categories",) if self.cp_weight else ())
 
 
 def interval_index(time_seq: torch.Tensor, valid: torch.Tensor, interval_scale: float,

@@ -274,5 +274,5 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     })
     return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
                      best_epoch=progress.best_epoch, stop_reason=progress.stop_reason, test=test,
-                     wall_time_s=wall, plot=plot, vectors_table=base["vectors_table"] if settings.save_item_vectors else None,
-                     vectors_indexed=indexed)
+                     wall_time_s=wall, plot=plot, vectors_indexed=indexed,
+                     vectors_table=base["vectors_table"] if settings.save_item_vectors else None)
