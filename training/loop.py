@@ -6,6 +6,7 @@
     features      object ref of the frozen item feature matrices, or None: fetched once per worker
     threads       torch intra-op threads for this worker
     batch_size    training rows per worker and step (the global batch size / num_workers)
+    clock         the driver's wall-clock times: run_training's start and the trainer's construction
 The epochs are training.steps.fit's, the same loop every caller runs; this module gives it the Ray edges.
 Each epoch every worker trains on its shard of "train" (DDP keeps the replicas identical), scores its
 share of "valid" against every item, and the sums are all-reduced, so all workers hold the same
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +41,7 @@ SHUFFLE_BUFFER_BATCHES = 8  # training rows are shuffled within a buffer of this
 
 
 def train_loop(config: dict) -> dict:
+    worker_started_at = time.time()
     settings = TrainConfig.from_dict(config["settings"])
     meta, rank = config["meta"], ray.train.get_context().get_world_rank()
     torch.set_num_threads(config["threads"])
@@ -54,14 +57,17 @@ def train_loop(config: dict) -> dict:
         optimizer.load_state_dict(optimizer_state)
     scaler = grad_scaler(settings.precision, ray.train.torch.get_device())  # fp16 only; restarts on resume
 
+    # every report carries where the run's time went before its first epoch (bench/tune_overhead.py reads them)
+    clock = config["clock"] | {"worker_started_at": worker_started_at, "fit_started_at": time.time()}
+
     def epoch_done(metrics: dict, progress: Progress, best_weights: dict) -> None:
-        report(metrics, progress, model, optimizer, best_weights, meta, rank)
+        report(metrics | clock, progress, model, optimizer, best_weights, meta, rank)
 
     reporting = Reporting(line=write_line, epoch_done=epoch_done,
                           step_hook=lambda epoch: failure_injector(settings.fail_at, epoch, rank))
     final = fit(model, trainer_model, optimizer, scaler, settings, shard_data(settings, config["batch_size"], rank),
                 progress, best_weights, reporting)
-    ray.train.report(final)  # for Ray Tune; the driver gets rank 0's return value (Result.return_value)
+    ray.train.report(final | clock)  # for Ray Tune; the driver gets rank 0's return value (Result.return_value)
     return final
 
 

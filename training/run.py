@@ -113,7 +113,7 @@ class RunResult:
 
 
 def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResult:
-    started, started_at = time.perf_counter(), records.now()
+    started, started_at, run_started_at = time.perf_counter(), records.now(), time.time()
     settings, run_dir = resolve_settings(config)
     ensure_ray()
     db = store.connect(settings.db)
@@ -135,7 +135,7 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
           f"{snapshot.train_examples(settings.train_mode)} training sequences per epoch "
           f"({snapshot.train_examples('last')} targets); {plan}", flush=True)
 
-    trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks)
+    trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks, run_started_at)
     run_dir.write_bytes(SETTINGS_FILE, json.dumps(settings.to_dict(), indent=1).encode())
     base = {"run_id": run_dir.name, "model": settings.model, "started_at": started_at, "run_dir": run_dir.uri,
             "config": json.dumps({"settings": settings.to_dict(), "model": meta}), "monitor": settings.monitor_key,
@@ -215,17 +215,19 @@ def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: in
     return {**meta, "model_config": saved["model_config"]}
 
 
-def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features: dict | None) -> dict:
+def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features: dict | None,
+                  run_started_at: float) -> dict:
     """train_loop's config: the features travel once through the object store, not with every worker's config."""
     import ray
 
     return {"settings": settings.to_dict(), "meta": meta, "threads": plan.threads_per_worker,
             "features": None if features is None else ray.put(features),
-            "batch_size": -(-settings.batch_size // settings.num_workers)}
+            "batch_size": -(-settings.batch_size // settings.num_workers),
+            "clock": {"run_started_at": run_started_at, "trainer_built_at": time.time()}}
 
 
 def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snapshot: StoreSnapshot, meta: dict,
-                  features: dict | None, callbacks: Sequence):
+                  features: dict | None, callbacks: Sequence, run_started_at: float):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -240,7 +242,7 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
                                      controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
-    return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features),
+    return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
                         scaling_config=plan.scaling_config(), run_config=run_config, dataset_config=data_config(),
                         datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers,
                                                   settings.stride))

@@ -78,11 +78,13 @@ def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch
             reporting.line(epoch_line(metrics, settings))
         reporting.epoch_done(metrics, progress, best_weights)
     model.load_state_dict(best_weights)
+    scoring_started_at = time.time()
     test = evaluate(model, data, "test", "test", settings, settings.mask_history)
     masked = ({f"test_masked_{k[5:]}": v for k, v in test.items()} if settings.mask_history
               else evaluate(model, data, "test", "test_masked", settings, mask_history=True))
     return {"epoch": progress.epoch, "best_epoch": progress.best_epoch, settings.monitor_key: progress.best_value,
-            "stop_reason": progress.stop_reason, **test, **masked}
+            "stop_reason": progress.stop_reason, **test, **masked, "scoring_started_at": scoring_started_at,
+            "scoring_s": time.time() - scoring_started_at}
 
 
 def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -90,7 +92,7 @@ def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, o
                        before_step: Callable[[int], None]) -> dict:
     """One epoch: train on this worker's rows, validate, and return the metrics of all workers together."""
     device = next(model.parameters()).device
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     batches = length_sorted_batches(data.train_windows(epoch), data.batch_size, shuffle=True)
     train = train_epoch(trainer_model, optimizer, batches, before_step, settings.precision, scaler)
     if device.type == "cuda":  # the seconds are the work's, not the kernel launches'
@@ -104,6 +106,7 @@ def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, o
         "epoch": epoch,
         **{name: value / rows for name, value in train.items()},
         **validation,
+        "epoch_started_at": started_at,  # wall clock, comparable with the driver's (checkpoint time sits between)
         "epoch_s": time.perf_counter() - started,
         "train_s": train_s,
         "eval_s": time.perf_counter() - trained,
