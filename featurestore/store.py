@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from featurestore import objectstore
+
 ITEMS = "items"
 ITEM_REJECTS = "item_rejects"
 INTERACTIONS = "interactions"
@@ -76,7 +78,10 @@ class StoreError(RuntimeError):
 
 
 def connect(uri: str | None = None):
-    """Open (or create) the LanceDB database at `uri`; fail at once with a clear message if it is unusable."""
+    """Open (or create) the LanceDB database at `uri`; fail at once with a clear message if it is unusable.
+
+    An s3:// URI is opened with the standard AWS environment as storage options (featurestore.objectstore).
+    """
     import lancedb  # imported late: drivers must import lance after ray.init()
 
     uri = uri or DEFAULT_DB
@@ -89,7 +94,7 @@ def connect(uri: str | None = None):
         except OSError as e:
             raise StoreError(f"cannot create LanceDB directory {uri!r}: {e}") from e
     try:
-        db = lancedb.connect(uri)
+        db = lancedb.connect(uri, storage_options=objectstore.storage_options(uri) or None)
         db.list_tables()
     except Exception as e:  # noqa: BLE001 - any backend failure means the URI is unusable
         raise StoreError(f"cannot open LanceDB database {uri!r}: {e}") from e

@@ -1,0 +1,54 @@
+"""Object-store settings from one place: the standard AWS environment.
+
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN   credentials (or a profile / instance role)
+    AWS_ENDPOINT_URL                                              an S3-compatible server (http://host:port)
+    AWS_REGION                                                    the bucket's region
+    AWS_ALLOW_HTTP                                                "true" for a plain-http endpoint
+
+`storage_options(uri)` maps them to LanceDB/Lance storage options for an s3:// URI, and `filesystem(uri)` to a
+pyarrow S3FileSystem with the same settings (Ray Train's storage, Ray Data and pyarrow readers). The values go
+from the driver's environment into the objects that need them (a LanceDB connection, a pickled file system,
+a read task's arguments); nothing here writes them to a file.
+"""
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs
+
+S3_SCHEME = "s3://"
+# environment variable -> LanceDB (object_store) storage option
+ENV_TO_OPTION = {
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SESSION_TOKEN": "aws_session_token",
+    "AWS_ENDPOINT_URL": "aws_endpoint",
+    "AWS_REGION": "aws_region",
+    "AWS_ALLOW_HTTP": "allow_http",
+}
+
+
+def storage_options(uri: str) -> dict[str, str]:
+    """LanceDB storage options for `uri` from the AWS environment variables that are set; {} for a URI that is
+    not s3:// (a local path, or another store that reads its own environment)."""
+    if not uri.startswith(S3_SCHEME):
+        return {}
+    return {option: os.environ[name] for name, option in ENV_TO_OPTION.items() if os.environ.get(name)}
+
+
+def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(pyarrow file system, path on it) for a local path or URI; an s3:// one gets `storage_options(uri)`."""
+    options = storage_options(uri)
+    if not options:  # local, another scheme, or S3 through a profile or instance role: pyarrow's own lookup
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    endpoint = options.get("aws_endpoint")
+    s3 = pyarrow.fs.S3FileSystem(
+        access_key=options.get("aws_access_key_id"), secret_key=options.get("aws_secret_access_key"),
+        session_token=options.get("aws_session_token"), region=options.get("aws_region"),
+        endpoint_override=endpoint, scheme="http" if endpoint and endpoint.startswith("http://") else "https")
+    return s3, uri[len(S3_SCHEME):].rstrip("/")
+
+
+def uri_of(uri: str, path: str) -> str:
+    """The URI of `path` on `filesystem(uri)`'s file system (pyarrow paths drop the s3:// scheme)."""
+    return S3_SCHEME + path if uri.startswith(S3_SCHEME) and not path.startswith(S3_SCHEME) else path
