@@ -14,9 +14,10 @@ from featurestore.raycluster import ResourcePlanError
 from training import TrainConfig
 from training.records import read_runs
 from tuning.records import SWEEPS
+from tuning.records import plots as records_plots
 from tuning.sweep import TRIAL_DRIVER_CPUS, SweepConfig, plan_trials, steps_per_epoch_range
 
-from ml100k_store import build_ml100k_store  # tests/ helper
+from ml100k_store import build_ml100k_store, write_items  # tests/ helper
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(REPO / "flows" / "tune.py")
@@ -66,6 +67,27 @@ def test_bad_arguments_and_spaces_fail_with_one_message_before_ray_starts(tmp_pa
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists() and not (tmp_path / "db").exists()
+
+
+def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    space = {"lr": {"loguniform": [3e-4, 3e-3]}, "cp_weight": {"loguniform": [0.01, 1.0], "zero": True},
+             "n_heads": {"choice": [1, 2]}}
+    params = [{"lr": 1e-3, "cp_weight__on": False, "cp_weight__value": 0.0, "n_heads": 1},
+              {"lr": 2e-3, "cp_weight__on": True, "cp_weight__value": 0.5, "n_heads": 2}]
+    records = [{"best_value": 0.05 + i / 100, "curve": [0.01, 0.05 + i / 100], "status": status, "params": p,
+                "started_at": 100.0 * i, "reported_at": 100.0 * i + 60} for i, (p, status) in
+               enumerate(zip(params, ["finished", "stopped"]))]
+    drawn, savefig = [], plt.Figure.savefig  # the figures themselves, as they are saved
+    monkeypatch.setattr(plt.Figure, "savefig", lambda figure, *a, **k: (drawn.append(figure), savefig(figure, *a, **k)))
+    images = records_plots(records, space, "val_ndcg@10")
+    assert all(png.startswith(b"\x89PNG") for png in images.values()) and len(images) == 3
+    best_so_far, curves, by_parameter = drawn
+    (steps,) = best_so_far.axes[0].get_lines()  # minutes from the first trial's start to each one's last report
+    assert list(steps.get_xdata()) == pytest.approx([1.0, 160 / 60])
+    assert len(curves.axes[0].get_lines()) == 2
+    assert [axis.get_xscale() for axis in by_parameter.axes] == ["log", "symlog", "linear"]
 
 
 @pytest.mark.slow
@@ -138,18 +160,38 @@ def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(tmp_p
 
 
 @pytest.mark.slow
-def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_and_the_others_finish(tmp_path):
-    """check_space cannot know the store: HM4SR's category loss on items without categories fails in its trial."""
+def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_the_others_finish_and_a_retry_runs_it(
+        tmp_path):
+    """check_space cannot know the store: HM4SR's category loss on items without categories fails in its trial.
+    A resumed sweep keeps it errored; with --retry-errored, once the store has categories, it runs."""
     db = build_ml100k_store(str(tmp_path / "db"), 16, categories=False)
     space = tmp_path / "space.yaml"
     space.write_text("cp_weight: {grid: [0.5, 0.0]}\n")
-    done = tune_command("--model", "hm4sr", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
-                        "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "1",
-                        "--max-len", "20", "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256",
-                        "--idcl-weight", "0", "--pcl-weight", "0", "--final-seeds", "0", "--sweep-name", "cats")
+    args = ["--model", "hm4sr", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
+            "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "1", "--max-len", "20",
+            "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--idcl-weight", "0",
+            "--pcl-weight", "0", "--final-seeds", "0", "--sweep-name", "cats"]
+    done = tune_command(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
     errored = trials.loc[json.dumps({"cp_weight": 0.5})]
     assert errored.status == "errored" and "the items have no categories" in errored.stop_reason
     assert trials.loc[json.dumps({"cp_weight": 0.0})].status == "finished"
     assert "errored: trial" in (tmp_path / "runs" / "cats" / "leaderboard.md").read_text()
+    finished_run = read_runs(db).set_index("run_id")
+
+    resumed = tune_command(*args, "--sweep-resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    assert trials.loc[json.dumps({"cp_weight": 0.5})].status == "errored"
+    assert len(read_runs(db)) == len(finished_run)  # nothing ran again
+
+    write_items(db, 16, categories=True)
+    retried = tune_command(*args, "--sweep-resume", "--retry-errored")
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    assert (trials.status == "finished").all() and len(trials) == 2
+    runs = read_runs(db).set_index("run_id")
+    assert runs.loc[trials.loc[json.dumps({"cp_weight": 0.5})].run_id].epochs_run == 1
+    # the trial that had finished was not trained again
+    assert runs.loc[finished_run.index[0]].checkpoint == finished_run.checkpoint.iloc[0]

@@ -78,6 +78,7 @@ def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: d
             "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
             "table_versions": json.dumps(versions), "recorded_at": now(), "curve": monitored,
             "reported_at": float(result.get("timestamp") or 0.0), "params": trial.config,
+            "started_at": float(result.get("timestamp") or 0.0) - float(result.get("time_total_s") or 0.0),
         })
     return records
 
@@ -113,9 +114,9 @@ def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plots(records: list[dict], keys: list[str], monitor_key: str) -> dict[str, bytes]:
+def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes]:
     """PNG bytes: best-so-far metric over sweep time, every trial's learning curve (stopped ones dashed and
-    grey), and the metric against each searched hyper-parameter."""
+    grey), and the metric against each searched hyper-parameter (log-uniform ones on a log axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +131,10 @@ def plots(records: list[dict], keys: list[str], monitor_key: str) -> dict[str, b
     scored = [r for r in records if r["best_value"] is not None]
     figure, axis = plt.subplots(figsize=(6, 4))
     order = sorted(scored, key=lambda r: r["reported_at"])
-    axis.step(range(1, len(order) + 1), np.maximum.accumulate([r["best_value"] for r in order]), where="post")
-    axis.set(xlabel="trials finished", ylabel=f"best {monitor_key} so far")
+    sweep_start = min((r["started_at"] for r in records), default=0.0)
+    axis.step([(r["reported_at"] - sweep_start) / 60 for r in order],
+              np.maximum.accumulate([r["best_value"] for r in order]), where="post", marker=".")
+    axis.set(xlabel="sweep time (minutes, at each trial's last report)", ylabel=f"best {monitor_key} so far")
     best_so_far = png(figure)
 
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -142,11 +145,16 @@ def plots(records: list[dict], keys: list[str], monitor_key: str) -> dict[str, b
     axis.set(xlabel="epoch", ylabel=monitor_key, title="finished (colour) and stopped (grey, dashed) trials")
     curves = png(figure)
 
+    keys = searched_keys(space)
     figure, axes = plt.subplots(1, max(len(keys), 1), figsize=(3 * max(len(keys), 1), 3), squeeze=False)
     for axis, key in zip(axes[0], keys):
         values = [r["params"].get(key, r["params"].get(f"{key}__value")) for r in scored]
         axis.scatter([str(v) if isinstance(v, str) else v for v in values], [r["best_value"] for r in scored], s=12)
         axis.set(xlabel=key, ylabel=monitor_key)
+        if "loguniform" in space[key] and space[key].get("zero"):  # its zeros on a linear stretch below the range
+            axis.set_xscale("symlog", linthresh=float(space[key]["loguniform"][0]))
+        elif "loguniform" in space[key]:
+            axis.set_xscale("log")
     by_parameter = png(figure)
     return {TRIALS_PLOT: best_so_far, CURVES_PLOT: curves, PARAMS_PLOT: by_parameter}
 
@@ -177,7 +185,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     keys = searched_keys(space)
     board = leaderboard(records, keys, base.monitor_key)
     files = [run_dir.write_bytes(LEADERBOARD_FILE, f"# Sweep {name}\n\n{board}\n".encode())]
-    files += [run_dir.write_bytes(filename, data) for filename, data in plots(records, keys, base.monitor_key).items()]
+    files += [run_dir.write_bytes(filename, data) for filename, data in plots(records, space, base.monitor_key).items()]
     scored = [r for r in records if r["best_value"] is not None]
     best = max(scored, key=lambda r: r["best_value"]) if scored else None
     final = None
