@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
-from featurestore import movielens, store
+from featurestore import movielens, objectstore, store
 from featurestore.interactions import import_interactions
 from featurestore.sequences import SEQUENCES, ItemIndex, build_sequences, make_examples, max_gap_s, split_counts
 from training.resources import DATA_TASK_CPUS
@@ -150,7 +150,8 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
     datasets = {}
     for split in ("train", "valid", "test"):
         sequences = ray.data.read_lance(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES],
-                                        columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS)
+                                        columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS,
+                                        storage_options=objectstore.storage_options(snapshot.sequences_uri))
         users = users_per_block(snapshot, max_len, split, train_mode, num_workers)
         examples = sequences.map_batches(
             make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode, "stride": stride},

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs
 
-from featurestore import store
+from featurestore import objectstore, store
 from featurestore.raycluster import ensure_ray
 from featurestore.sequences import load_item_features
 from recmodels import MODELS, DataFacts, EncoderConfig, ItemFeatures, StoreNeeds, create_model
@@ -45,14 +45,16 @@ PLOT_FILE = "learning_curves.png"
 class RunDir:
     """storage/name: where Ray Train keeps the run's checkpoints and we keep its settings and plot.
 
-    A local directory or a URI (s3://, gs://...), read and written through pyarrow's file systems.
+    A local directory or a URI (s3://, gs://...), read and written through pyarrow's file systems: the one
+    featurestore.objectstore builds from the AWS environment for s3://, which Ray Train gets too (its workers
+    then need no environment of their own).
     """
 
     def __init__(self, storage: str, name: str):
         self.storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
         self.name = name
-        self.fs, root = pyarrow.fs.FileSystem.from_uri(self.storage)
-        self.path = f"{root.rstrip('/')}/{name}"
+        self.fs, self.root = objectstore.filesystem(self.storage)
+        self.path = f"{self.root.rstrip('/')}/{name}"
         self.uri = f"{self.storage.rstrip('/')}/{name}"
 
     def exists(self, filename: str) -> bool:
@@ -73,7 +75,7 @@ class RunDir:
         from ray.train import Result
 
         try:
-            return Result.from_path(self.uri).checkpoint
+            return Result.from_path(self.path, storage_filesystem=self.fs).checkpoint
         except RuntimeError:  # no run there, or it never committed a checkpoint
             return None
 
@@ -234,7 +236,7 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
     from training.loop import train_loop
 
     run_config = RunConfig(
-        name=run_dir.name, storage_path=run_dir.storage, callbacks=list(callbacks),
+        name=run_dir.name, storage_path=run_dir.root, storage_filesystem=run_dir.fs, callbacks=list(callbacks),
         # the best checkpoint by the monitored metric; Ray Train always keeps the latest one as well
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=settings.monitor_key,
                                            checkpoint_score_order="max"),
@@ -263,18 +265,19 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
             progress.history, settings.monitor_key, f"{run_dir.name} ({settings.model})"))
     test = {k: v for k, v in result.return_value.items() if k.startswith("test_")}
     history = progress.history
+    latest = objectstore.uri_of(run_dir.storage, result.checkpoint.path)  # s3://... (Ray's path drops the scheme)
     wall = time.perf_counter() - started
     records.write_run(db, base | {
         "status": "finished", "finished_at": records.now(), "epochs": json.dumps(history),
         "epochs_run": progress.epoch, "best_epoch": progress.best_epoch, "stop_reason": progress.stop_reason,
         "restored_at": progress.restored_at, "best_value": progress.best_value, "test_metrics": json.dumps(test),
-        "checkpoint": result.checkpoint.path, "plot": plot, "wall_time_s": wall,
+        "checkpoint": latest, "plot": plot, "wall_time_s": wall,
         "train_time_s": sum(m["epoch_s"] for m in history),
         "mean_epoch_s": float(np.mean([m["epoch_s"] for m in history])),
         "sequences_per_s": float(np.mean([m["sequences_per_s"] for m in history])),
         "sequences_per_s_per_worker": float(np.mean([m["sequences_per_s_per_worker"] for m in history])),
     })
-    return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=result.checkpoint.path, history=history,
+    return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=latest, history=history,
                      best_epoch=progress.best_epoch, stop_reason=progress.stop_reason, test=test,
                      wall_time_s=wall, plot=plot, vectors_indexed=indexed,
                      vectors_table=base["vectors_table"] if settings.save_item_vectors else None)
