@@ -137,6 +137,26 @@ def test_one_readable_line_per_epoch():
     assert diverged.endswith("617/worker | 7 validation rows scored non-finite (counted as misses)")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_worker_reads_its_splits_whole_without_split_coordinators_and_several_share_them(ray_local, workers):
+    from ray.data.iterator import DataIterator
+
+    from training.data import data_config
+
+    rows = 10
+    datasets = {split: ray_local.data.range(rows) for split in ("train", "valid", "test")}
+    shards = data_config().configure(datasets, workers, None, None)
+    assert len(shards) == workers
+    for split in datasets:
+        iterators = [shard[split] for shard in shards]
+        kinds = {type(iterator).__name__ for iterator in iterators}
+        # a streaming split's iterators share a SplitCoordinator actor; one worker needs none
+        assert (kinds == {"StreamSplitDataIterator"}) == (workers > 1) and all(
+            isinstance(iterator, DataIterator) for iterator in iterators)
+        if workers == 1:
+            assert sum(len(batch["id"]) for batch in iterators[0].iter_batches()) == rows
+
+
 def test_flow_arguments_become_settings_and_a_model_config():
     flow = runpy.run_path(str(REPO / "flows" / "train.py"), run_name="flow")
     settings = flow["parse_args"](["--model", "hm4sr", "--epochs", "3", "--modalities", "id", "text",

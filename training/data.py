@@ -169,7 +169,8 @@ def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num
 
 def data_config():
     """Training data split evenly (DDP needs the same number of steps on every worker: Ray's even split
-    drops up to num_workers - 1 rows per epoch for that); the evaluation splits shared out whole."""
+    drops up to num_workers - 1 rows per epoch for that); the evaluation splits shared out whole. One worker reads
+    every split whole, through no split coordinator (each one an actor a run would wait on to start)."""
     from ray.train import DataConfig
 
     class EvenTrainCompleteEval(DataConfig):
@@ -177,16 +178,24 @@ def data_config():
             super().__init__(datasets_to_split=["train"])
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            if world_size == 1:  # nothing to split: plain iterators, not a SplitCoordinator actor per split to start
+                return [{name: self._for_ingest(name, ds).iterator() for name, ds in datasets.items()}]
             train = {name: ds for name, ds in datasets.items() if name == "train"}
             shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
             for name, ds in datasets.items():
                 if name == "train":
                     continue
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for rank, split in enumerate(ds.streaming_split(world_size, equal=False,
-                                                                locality_hints=worker_node_ids)):
+                for rank, split in enumerate(self._for_ingest(name, ds).streaming_split(
+                        world_size, equal=False, locality_hints=worker_node_ids)):
                     shards[rank][name] = split
             return shards
+
+        def _for_ingest(self, name, ds):
+            """A copy named `name` with the ingest execution options, as DataConfig.configure prepares one."""
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            return ds
 
     return EvenTrainCompleteEval()
