@@ -121,3 +121,28 @@ def s3(s3_server, monkeypatch):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """A Ray cluster of two nodes on 127.0.0.1 (Ray's own ray.cluster_utils.Cluster), oversubscribing the cores:
+    a head with 2 logical CPUs and a second node with 2 more and the custom resource `node_b`. This process
+    does not join it (it may hold the session's local Ray): jobs join with RAY_ADDRESS=cluster.address."""
+    from ray.cluster_utils import Cluster
+
+    from featurestore.raycluster import free_port
+
+    def own_ports() -> dict:  # the agents' default ports would collide with any other Ray on the machine
+        return {name: free_port() for name in ("dashboard_agent_listen_port", "metrics_agent_port",
+                                               "metrics_export_port", "runtime_env_agent_port")}
+
+    node = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "object_store_memory": 256 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **node, **own_ports(), "gcs_server_port": free_port(), "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    try:
+        cluster.add_node(**node, **own_ports(), resources={"node_b": 1})
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()

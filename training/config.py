@@ -20,11 +20,13 @@ from recmodels.metrics import DEFAULT_KS
 from training.precision import PRECISIONS, precision_problem
 
 DEFAULT_STORAGE = os.environ.get("MMREC_RUNS", str(Path.home() / "mmrec_runs"))
+# Ray's placement-group strategies for the workers' bundles (ray.train.ScalingConfig.placement_strategy)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 # What `--resume` may change; every other setting must equal the interrupted run's.
 CHANGEABLE_ON_RESUME = frozenset({
     "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
-    "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "max_failures", "fail_at",
+    "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures", "fail_at",
     "save_item_vectors", "save_plot",
     "precision",  # weights and optimizer state stay float32 whatever the autocast: checkpoints are the same
 })
@@ -85,6 +87,10 @@ class TrainConfig:
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs each worker reserves; 0 on CPU machines"})
     threads_per_worker: int | None = field(default=None, metadata={
         "help": "torch intra-op threads per worker", "shown_default": "its CPUs, rounded"})
+    placement_strategy: str = field(default="PACK", metadata={
+        "help": "where Ray places the workers: PACK (as few nodes as they fit on), SPREAD (across nodes where it "
+                "can), STRICT_PACK (one node), STRICT_SPREAD (a node each, or the run waits for nodes)",
+        "choices": list(PLACEMENT_STRATEGIES)})
     max_failures: int = field(default=1, metadata={
         "help": "worker-group restarts from the last checkpoint before the run fails"})
     vectors_table: str | None = field(default=None, metadata={
@@ -120,6 +126,8 @@ class TrainConfig:
             found.append(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.monitor not in self.metric_names():
             found.append(f"monitor {self.monitor!r} is not one of {self.metric_names()} (set by ks={self.ks})")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            found.append(f"placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         if self.gpus_per_worker < 0 or (self.cpus_per_worker is not None and self.cpus_per_worker <= 0):
             found.append("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
         problem = precision_problem(self.precision, self.gpus_per_worker > 0)

@@ -55,6 +55,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("sequences_per_s", pa.float64()),  # training throughput, all workers together
         pa.field("sequences_per_s_per_worker", pa.float64()),
         pa.field("num_workers", pa.int32()),
+        pa.field("worker_nodes", pa.list_(pa.string())),  # the Ray node id of each worker, in rank order
         pa.field("n_items", pa.int32()),
         pa.field("n_parameters", pa.int64()),
     ]
@@ -68,6 +69,10 @@ def now() -> datetime:
 def write_run(db, record: dict) -> None:
     """Insert or replace the run's row; missing fields are null."""
     row = {field.name: record.get(field.name) for field in RUNS_SCHEMA}
+    table = store.open_table(db, RUNS, required=False)
+    missing = [] if table is None else [field for field in RUNS_SCHEMA if field.name not in table.schema.names]
+    if missing:  # a table written before these fields existed gets them, null in its older rows
+        table.add_columns(missing)
     store.upsert(db, RUNS, pa.Table.from_pylist([row], schema=RUNS_SCHEMA), "run_id")
 
 

@@ -36,14 +36,15 @@ class WorkerPlan:
     threads_per_worker: int  # torch intra-op threads in each worker
     data_cpus: float  # cluster CPUs the workers leave to Ray Data
 
-    def scaling_config(self):
+    def scaling_config(self, placement_strategy: str = "PACK"):
+        """Ray Train's ScalingConfig; `placement_strategy` places the workers' bundles (PACK, SPREAD, ...)."""
         from ray.train import ScalingConfig
 
         resources = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
         return ScalingConfig(num_workers=self.num_workers, use_gpu=self.gpus_per_worker > 0,
-                             resources_per_worker=resources)
+                             resources_per_worker=resources, placement_strategy=placement_strategy)
 
     def __str__(self) -> str:
         gpus = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""

@@ -40,6 +40,7 @@ SETTINGS_FILE = "train_config.json"
 # this many attempts the run fails with Ray's WorkerGroupStartupTimeoutError instead.
 WORKER_GROUP_START_ATTEMPTS = 5
 PLOT_FILE = "learning_curves.png"
+WORKER_NODES = "worker_nodes"  # the key of the workers' node ids in rank 0's result
 
 
 class RunDir:
@@ -90,6 +91,7 @@ class RunResult:
     stop_reason: str
     test: dict[str, float]
     wall_time_s: float
+    worker_nodes: list[str]  # the Ray node id of each worker, in rank order
     plot: str | None  # None: the run was told not to write it (save_plot, save_item_vectors)
     vectors_table: str | None
     vectors_indexed: bool
@@ -108,6 +110,7 @@ class RunResult:
               if nonfinite else []),
             f"test  {test}",
             f"checkpoint {self.checkpoint}",
+            f"workers ran on {len(set(self.worker_nodes))} node(s): " + " ".join(self.worker_nodes),
             *([f"item vectors in table {self.vectors_table}" + (" (indexed)" if self.vectors_indexed else "")]
               if self.vectors_table else []),
             *([f"learning curves {self.plot}"] if self.plot else []),
@@ -233,8 +236,6 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from training.loop import train_loop
-
     run_config = RunConfig(
         name=run_dir.name, storage_path=run_dir.root, storage_filesystem=run_dir.fs, callbacks=list(callbacks),
         # the best checkpoint by the monitored metric; Ray Train always keeps the latest one as well
@@ -244,10 +245,28 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
                                      controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
-    return TorchTrainer(train_loop, train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
-                        scaling_config=plan.scaling_config(), run_config=run_config, dataset_config=data_config(),
+    return TorchTrainer(train_loop_on_nodes,
+                        train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
+                        scaling_config=plan.scaling_config(settings.placement_strategy), run_config=run_config,
+                        dataset_config=data_config(),
                         datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers,
                                                   settings.stride))
+
+
+def train_loop_on_nodes(config: dict) -> dict:
+    """training.loop.train_loop, with the Ray node id of every rank (in rank order) added to its result: rank 0's
+    result is what the driver gets, and the run record names the nodes from it."""
+    import ray
+    import torch.distributed as dist
+
+    from training.loop import train_loop
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if dist.is_initialized():
+        nodes = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, node)
+    return {**train_loop(config), WORKER_NODES: nodes}
 
 
 def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | None, index, base: dict,
@@ -271,6 +290,7 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
         "status": "finished", "finished_at": records.now(), "epochs": json.dumps(history),
         "epochs_run": progress.epoch, "best_epoch": progress.best_epoch, "stop_reason": progress.stop_reason,
         "restored_at": progress.restored_at, "best_value": progress.best_value, "test_metrics": json.dumps(test),
+        "worker_nodes": result.return_value[WORKER_NODES],
         "checkpoint": latest, "plot": plot, "wall_time_s": wall,
         "train_time_s": sum(m["epoch_s"] for m in history),
         "mean_epoch_s": float(np.mean([m["epoch_s"] for m in history])),
@@ -279,5 +299,6 @@ def finish(db, settings: TrainConfig, run_dir: RunDir, result, features: dict | 
     })
     return RunResult(run_id=run_dir.name, run_dir=run_dir.uri, checkpoint=latest, history=history,
                      best_epoch=progress.best_epoch, stop_reason=progress.stop_reason, test=test,
-                     wall_time_s=wall, plot=plot, vectors_indexed=indexed,
+                     wall_time_s=wall, worker_nodes=result.return_value[WORKER_NODES], plot=plot,
+                     vectors_indexed=indexed,
                      vectors_table=base["vectors_table"] if settings.save_item_vectors else None)
