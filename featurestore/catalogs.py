@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Catalog:
     source: str
     rows: pa.Table  # CATALOG_SCHEMA, usable rows only
     rejects: list[dict] = field(default_factory=list)  # rows rejected whole while reading
+    base_dir: Path | None = None  # relative image paths resolve against it; the default image root
 
     @property
     def input_rows(self) -> int:
@@ -70,8 +72,9 @@ def _image_ref(value, base_dir: Path | None) -> str | None:
         return None
     if "://" in ref or base_dir is None:
         return ref
-    path = Path(ref)
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
+    # Lexically only: the path is not looked up here, so what is stored never shows where a symlink points
+    # or whether a file exists. The fetch resolves it and confines it to the image roots (featurestore.images).
+    return os.path.normpath(os.path.join(base_dir, ref))
 
 
 def _image_bytes(value) -> bytes | None:
@@ -117,7 +120,7 @@ def normalise(records, source: str, base_dir: Path | None) -> Catalog:
             continue
         seen[item_id] = i
         rows.append(row)
-    return Catalog(source, pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), rejects)
+    return Catalog(source, pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA), rejects, base_dir)
 
 
 def _amazon2023_records(path: Path):

@@ -15,10 +15,14 @@ import pyarrow as pa
 
 from featurestore import store
 from featurestore.catalogs import Catalog
+from featurestore.images import ImagePolicy
 from featurestore.raycluster import DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data, ensure_ray
 
 DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
 WRITE_CHUNK_ROWS = 8192  # rows per merge_insert: each one is a new table version
+# Stored before the content hash of an item whose image failed transiently: the stored hash then never equals a
+# fresh one, so the next run plans the item as changed and fetches its image again.
+RETRY_PREFIX = "retry:"
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,7 @@ class EncodeSettings:
     batch_size: int = 64
     actors: int | None = None  # per encoder stage; None: one per GPU, or one on a CPU-only cluster
     gpus_per_actor: float | None = None  # None: use GPUs if the cluster has them
-    image_timeout_s: float = 10.0
-    image_retries: int = 2
+    images: ImagePolicy = field(default_factory=ImagePolicy)  # the catalog's folder is added as a root per run
     index_min_rows: int = store.INDEX_MIN_ROWS
 
 
@@ -96,6 +99,7 @@ class EncodeSummary:
     unchanged: int = 0
     rejected_whole: int = 0
     image_failures: int = 0
+    image_failures_transient: int = 0  # of image_failures: retried on the next run
     encode_seconds: float = 0.0
     steady_items_per_s: float = 0.0
     first_batch_seconds: float = 0.0  # start-up: scheduling, actor creation, model loading
@@ -108,7 +112,8 @@ class EncodeSummary:
     def lines(self) -> list[str]:
         out = [
             f"table {self.table}: input {self.input} = encoded {self.encoded} + unchanged {self.unchanged}"
-            f" + rejected whole {self.rejected_whole}; image failures (encoded from text) {self.image_failures}",
+            f" + rejected whole {self.rejected_whole}; image failures (encoded from text) {self.image_failures}"
+            f" ({self.image_failures_transient} transient: retried on the next run)",
         ]
         if self.encoded:
             out.append(
@@ -248,7 +253,7 @@ class EncodeJob:
         todo = table.filter(pa.array(~unchanged & ~still_rejected))
         return todo, int(unchanged.sum()), int(still_rejected.sum())
 
-    def dataset(self, todo: pa.Table, cluster_cpus: float, cluster_gpus: float):
+    def dataset(self, todo: pa.Table, cluster_cpus: float, cluster_gpus: float, images: ImagePolicy):
         """The Ray Data pipeline over the rows to encode: [image load tasks ->] text actors [-> image actors]."""
         import ray
 
@@ -274,7 +279,7 @@ class EncodeJob:
         if with_images:
             from featurestore.images import ImageLoader
 
-            loader = ImageLoader(self.image_config, s.image_timeout_s, s.image_retries)
+            loader = ImageLoader(self.image_config, images)
             ds = ds.map_batches(loader, batch_size=16, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
             ds = ds.map_batches(ImageEmbedder, fn_constructor_args=(s.image_model, plan.torch_threads), **pool)
         ds = ds.map_batches(TextEmbedder, fn_constructor_args=(s.text_model, plan.torch_threads), **pool)
@@ -292,20 +297,25 @@ class EncodeJob:
         has_text = batch["has_text"]
         has_image = batch["has_image"] if with_images else np.zeros(n, dtype=bool)
         errors = batch["image_error"] if with_images else np.full(n, "", dtype=object)
+        transient = batch["image_transient"] if with_images else np.zeros(n, dtype=bool)
+        failures = [f"{e} ({'transient, retried on the next run' if t else 'permanent'})" if e else ""
+                    for e, t in zip(errors, transient)]
         keep = has_text | has_image
-        rows, hashes = meta.column("row").to_pylist(), meta.column("content_hash").to_pylist()
-        ids = meta.column("item_id").to_pylist()
+        rows, ids = meta.column("row").to_pylist(), meta.column("item_id").to_pylist()
+        hashes = [RETRY_PREFIX + h if t else h for h, t in zip(meta.column("content_hash").to_pylist(), transient)]
         rejects = [
-            {"row": rows[i], "item_id": ids[i], "stage": "image", "reason": f"{errors[i]}; encoded from its text only"}
+            {"row": rows[i], "item_id": ids[i], "stage": "image", "transient": bool(transient[i]),
+             "reason": f"{failures[i]}; encoded from its text only"}
             for i in np.flatnonzero((errors != "") & keep)
         ] + [
             {"row": rows[i], "item_id": ids[i], "stage": "encode", "content_hash": hashes[i],
-             "reason": f"no usable text or image ({errors[i] or 'the text template renders nothing'})"}
+             "reason": f"no usable text or image ({failures[i] or 'the text template renders nothing'})"}
             for i in np.flatnonzero(~keep)
         ]
         image_emb = batch["image_emb"] if with_images else np.zeros((n, self.image_config.dim), np.float32)
         columns = {
-            **{name: meta.column(name) for name in ("item_id", "text", "categories", "image_ref", "content_hash")},
+            **{name: meta.column(name) for name in ("item_id", "text", "categories", "image_ref")},
+            "content_hash": pa.array(hashes, pa.string()),
             "text_emb": _vectors(batch["text_emb"], has_text, self.text_config.dim),
             "image_emb": _vectors(image_emb, has_image, self.image_config.dim),
             "text_encoder": pa.array([self.text_config.name] * n, pa.string()),
@@ -326,7 +336,8 @@ class EncodeJob:
         self.position = {item_id: i for i, item_id in enumerate(todo.column("item_id").to_pylist())}
         if todo.num_rows:
             resources = ray.cluster_resources()
-            ds, with_images, _ = self.dataset(todo, resources.get("CPU", 1), resources.get("GPU", 0))
+            images = self.settings.images.with_root(catalog.base_dir)
+            ds, with_images, _ = self.dataset(todo, resources.get("CPU", 1), resources.get("GPU", 0), images)
             encoded_at = datetime.now(timezone.utc)
             start = time.perf_counter()
             first_batch_at = None
@@ -351,11 +362,28 @@ class EncodeJob:
             if end > first_batch_at and steady_rows > 0:
                 summary.steady_items_per_s = steady_rows / (end - first_batch_at)
         summary.image_failures = sum(r["stage"] == "image" for r in rejects)
+        summary.image_failures_transient = sum(bool(r.get("transient")) for r in rejects)
         summary.rejected_whole = len(rejects) - summary.image_failures + still_rejected
+        self._forget_encode_rejects(todo.column("item_id").to_pylist())
         store.record_rejects(self.db, self.rejects_table, rejects)
         table = store.open_table(self.db, self.table_name, required=False)
         summary.indexed = [] if table is None else ensure_indexes(table, self.settings.index_min_rows)
         return summary
+
+    def _forget_encode_rejects(self, item_ids: list[str]) -> None:
+        """Drop the image and encode records of items this run encoded again: this run's records replace them,
+        and an item whose image now works keeps none."""
+        if store.open_table(self.db, self.rejects_table, required=False) is None:
+            return
+        where = "stage IN ('image', 'encode')"
+        earlier = set(store.read_columns(self.db, self.rejects_table, ["item_id"], where).column("item_id").to_pylist())
+        stale = sorted(earlier.intersection(item_ids))
+        if not stale:
+            return
+        table = store.open_table(self.db, self.rejects_table)
+        for start in range(0, len(stale), 1000):  # bounded SQL statements
+            listed = ", ".join(store.sql_string(i) for i in stale[start:start + 1000])
+            table.delete(f"{where} AND item_id IN ({listed})")
 
 
 def _column_map(db, table_name: str, key: str, value: str, where: str | None = None) -> dict:
@@ -382,6 +410,7 @@ def encode_catalog(
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     limit: int | None = None,
+    images: ImagePolicy | None = None,
 ) -> EncodeSummary:
     """Read, encode and upsert a catalog; bad arguments fail before any work, bad rows never fail the run."""
     from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
@@ -397,6 +426,7 @@ def encode_catalog(
         batch_size=batch_size,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
+        images=images or ImagePolicy(),
     )
     ensure_ray()
     job = EncodeJob(store.connect(db_uri), table, settings)

@@ -15,6 +15,8 @@ from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 from featurestore import store  # noqa: E402
 from featurestore.formats import FORMATS  # noqa: E402
 from featurestore.encode import DEFAULT_TEMPLATE  # noqa: E402
+from featurestore.images import ImagePolicy  # noqa: E402
+from training.cli import run_job  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -30,6 +32,15 @@ def parse_args(argv=None):
     p.add_argument("--actors", type=int, default=None, help="actors per encoder stage (default: one per GPU, or one)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: use GPUs when the cluster has them")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N catalog rows")
+    images = p.add_argument_group("image references (README: Image references are confined)")
+    images.add_argument("--image-root", action="append", default=[], metavar="DIR",
+                        help="a folder local image paths may resolve into, besides the catalog's (repeatable)")
+    images.add_argument("--allow-private-hosts", action="store_true",
+                        help="fetch from private, loopback and reserved addresses (link-local never)")
+    images.add_argument("--max-image-bytes", type=int, default=ImagePolicy.max_bytes, help="default: %(default)s")
+    images.add_argument("--max-image-pixels", type=int, default=ImagePolicy.max_pixels, help="default: %(default)s")
+    images.add_argument("--image-deadline-s", type=float, default=ImagePolicy.deadline_s,
+                        help="for one image's whole download (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -37,7 +48,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from featurestore.encode import encode_catalog
 
-    summary = encode_catalog(
+    return run_job(lambda: encode_catalog(
         catalog=args.catalog,
         fmt=args.format,
         db_uri=args.db,
@@ -49,9 +60,10 @@ def main(argv=None) -> int:
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         limit=args.limit,
-    )
-    print("\n".join(summary.lines()))
-    return 0
+        images=ImagePolicy(roots=tuple(args.image_root), allow_private_hosts=args.allow_private_hosts,
+                           max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                           deadline_s=args.image_deadline_s),
+    ))
 
 
 if __name__ == "__main__":
