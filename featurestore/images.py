@@ -22,7 +22,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -37,6 +37,7 @@ ALWAYS_REFUSED = tuple(map(ipaddress.ip_network, ("169.254.0.0/16", "fe80::/10",
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # RFC 3986 reserved characters and "%": left as they are in a request path
 OUTSIDE_ROOTS = ("refused by the image-root rule: the path is outside the allowed roots "
                  "(the catalog's folder, --image-root)")
 
@@ -193,10 +194,11 @@ class _Exchange:
         if not host:
             raise ImageFetchError("not a valid URL: it names no host")
         self.host, self.port, self.https = host, port or (443 if https else 80), https
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Spaces and non-ASCII characters percent-encoded (http.client refuses them); escapes already there kept.
+        self.path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=URL_SAFE)
 
     def __enter__(self):
-        address = _vetted_address(self.host, self.port, self.policy)
+        address = self._vetted_address()
         connection_class = _PinnedHTTPS if self.https else _PinnedHTTP
         self.connection = connection_class(self.host, self.port, address, timeout=self._remaining())
         self.watchdog = threading.Timer(self._remaining(), self._cut)
@@ -246,6 +248,31 @@ class _Exchange:
                 raise self._deadline_error() from None
             raise ImageFetchError(f"unreachable: {type(e).__name__}", transient=True) from None
 
+    def _vetted_address(self) -> str:
+        """Resolve the host, within the deadline, and refuse it if any of its addresses is refused; the first
+        address is the one connected to."""
+        answer = {}
+
+        def resolve():  # in a thread: getaddrinfo has no timeout of its own
+            try:
+                answer["infos"] = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                answer["error"] = e
+
+        resolver = threading.Thread(target=resolve, daemon=True)
+        resolver.start()
+        resolver.join(self._remaining())
+        if resolver.is_alive():
+            raise self._deadline_error()
+        if "error" in answer:
+            raise ImageFetchError(f"unreachable: cannot resolve {self.host}", transient=True)
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in answer["infos"]]
+        for address in addresses:
+            rule = self.policy.address_refusal(address)
+            if rule:
+                raise ImageFetchError(f"refused by {rule}: {self.host} resolves to {address}")
+        return str(addresses[0])
+
     def _remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
@@ -265,20 +292,6 @@ class _Exchange:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-def _vetted_address(host: str, port: int, policy: ImagePolicy) -> str:
-    """Resolve `host` and refuse it if any of its addresses is refused; the first address is the one connected to."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ImageFetchError(f"unreachable: cannot resolve {host}", transient=True) from e
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    for address in addresses:
-        rule = policy.address_refusal(address)
-        if rule:
-            raise ImageFetchError(f"refused by {rule}: {host} resolves to {address}")
-    return str(addresses[0])
 
 
 class _PinnedHTTP(http.client.HTTPConnection):

@@ -2,6 +2,7 @@
 transient failures retried on the next run. Real files, symlinks and HTTP servers on loopback."""
 import http.server
 import io
+import ipaddress
 import json
 import os
 import struct
@@ -187,14 +188,20 @@ def test_only_http_https_file_and_paths_are_fetched(tmp_path):
         with pytest.raises(ImageFetchError, match="refused by the scheme rule") as refused:
             fetch_bytes(ref, policy)
         assert reason in str(refused.value) and not refused.value.transient
-    with pytest.raises(ImageFetchError, match="not a valid URL"):
-        fetch_bytes("http://[not-ipv6/a.png", policy)
+    for url, reason in [("http://[not-ipv6/a.png", "Invalid IPv6 URL"), ("http://h:99999/a.png", "Port out of range"),
+                        ("http:///a.png", "it names no host")]:
+        with pytest.raises(ImageFetchError, match=f"not a valid URL: {reason}"):
+            fetch_bytes(url, policy)
+
+
+def test_paths_with_spaces_and_non_ascii_are_requested_percent_encoded(server):
+    server.routes["/caf%C3%A9%20au%20lait.png?size=large%20x"] = send(png())
+    assert len(fetch_bytes(server.url("/caf\u00e9 au lait.png?size=large x"), LOOPBACK)) == len(png())
+    assert len(fetch_bytes(server.url("/caf%C3%A9%20au%20lait.png?size=large%20x"), LOOPBACK)) == len(png())
 
 
 def test_address_rules():
     strict, loose = ImagePolicy(), ImagePolicy(allow_private_hosts=True)
-    import ipaddress
-
     for text in ("169.254.169.254", "169.254.1.1", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254",
                  "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe"):
         for policy in (strict, loose):
@@ -205,7 +212,9 @@ def test_address_rules():
     assert strict.address_refusal(ipaddress.ip_address("93.184.216.34")) is None
 
 
-CONNECTS = []  # (host, port) of every socket connect while a test records them (None: not recording)
+# Python's audit hook sees every socket.connect of this process (a hook cannot be removed: it records only while
+# the fixture below says so).
+CONNECTS = []  # the (host, port) connected to
 RECORDING = threading.Event()
 
 
