@@ -245,12 +245,12 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
                                      controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
+    # the datasets first: their small splits are computed here, and worker_config stamps the time after that
+    datasets = example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers, settings.stride)
     return TorchTrainer(train_loop_on_nodes,
                         train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
                         scaling_config=plan.scaling_config(settings.placement_strategy), run_config=run_config,
-                        dataset_config=data_config(),
-                        datasets=example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers,
-                                                  settings.stride))
+                        dataset_config=data_config(), datasets=datasets)
 
 
 def train_loop_on_nodes(config: dict) -> dict:
