@@ -510,10 +510,12 @@ def measure(modality: str, n: int, batch_size: int, repeats: int, quiet_s: float
             else:
                 import numpy as np
 
-                from featurestore.images import decode, fetch_bytes
+                from featurestore.images import ImagePolicy, decode, fetch_bytes
 
+                policy = ImagePolicy(roots=(str(catalog_path.parent),))  # the flow's default root
                 t0 = time.perf_counter()
-                inputs = np.stack([encoder.preprocess(decode(fetch_bytes(r))) for r in rows.column("image_ref").to_pylist()])
+                inputs = np.stack([encoder.preprocess(decode(fetch_bytes(r, policy), policy.max_pixels))
+                                   for r in rows.column("image_ref").to_pylist()])
                 result["bare_decode_preprocess_s"] = round(time.perf_counter() - t0, 3)
         quiet = wait_quiet(quiet_s) if quiet_s else None
         print(f"[{modality}] run {rep + 1}/{repeats}: bare loop, {plan.torch_threads} torch thread(s) ...", file=sys.stderr, flush=True)
