@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir .` of the encoding flow against a `ray start --head` cluster on 127.0.0.1."""
+"""`ray job submit --working-dir .` of the encoding flow and of a sweep against a `ray start --head` cluster on 127.0.0.1."""
 import os
 import signal
 import socket
@@ -70,20 +70,26 @@ def head_node():
         subprocess.run(["pkill", "-KILL", "-f", str(temp_dir)], check=False)  # stragglers of this cluster only
 
 
-def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_path):
-    env, address = head_node
-    db = tmp_path / "db"
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-              "--", "python", "flows/encode_items.py", "--catalog", str(sample_catalog), "--db", str(db),
-              "--table", "photos", "--batch-size", "8"]
+def submit(address: str, env: dict, *command: str) -> str:
+    """`ray job submit --working-dir .` of a flow, as users run it; its output once it succeeded."""
+    args = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+            "--", "python", *command]
     for _ in range(30):  # the job agent comes up a little after the dashboard answers
-        result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr
         if "No available agent" not in output:
             break
         time.sleep(2)
     assert result.returncode == 0, output[-3000:]
     assert "succeeded" in output
+    return output
+
+
+def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_path):
+    env, address = head_node
+    db = tmp_path / "db"
+    output = submit(address, env, "flows/encode_items.py", "--catalog", str(sample_catalog), "--db", str(db),
+                    "--table", "photos", "--batch-size", "8")
     n = len(sample_catalog.read_text().splitlines())
     assert f"input {n} = encoded {n} + unchanged 0 + rejected whole 0" in output
 
@@ -91,3 +97,24 @@ def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_pa
 
     table = lancedb.connect(str(db)).open_table("photos")
     assert table.count_rows() == n and table.count_rows("image_emb IS NULL") == 0
+
+
+def test_ray_job_submit_runs_a_sweep_on_the_cluster(head_node, tmp_path):
+    """Two trials through `ray job submit`: the sweep's driver is the job, its trials the cluster's."""
+    from featurestore import store
+    from tuning.records import SWEEPS
+
+    from ml100k_store import build_ml100k_store  # tests/ helper
+
+    env, address = head_node
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.005, 0.008]}\n")
+    output = submit(address, env, "flows/tune.py", "--model", "sasrec", "--db", db.uri, "--storage",
+                    str(tmp_path / "runs"), "--space", str(space), "--search", "grid", "--num-samples", "1",
+                    "--scheduler", "none", "--epochs", "1", "--max-len", "20", "--hidden-size", "16",
+                    "--n-layers", "1", "--final-seeds", "0", "--sweep-name", "submitted")
+    assert sum(line.startswith("trial ") for line in output.splitlines()) == 2
+    trials = store.open_table(db, SWEEPS).to_pandas()
+    assert len(trials) == 2 and (trials.status == "finished").all() and (trials.epochs == 1).all()
+    assert (tmp_path / "runs" / "submitted" / "leaderboard.md").stat().st_size > 0
