@@ -124,16 +124,21 @@ def sql_string(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def upsert(db, name: str, data: pa.Table, key: str | list[str]):
+def upsert(db, name: str, data: pa.Table, key: str | list[str], replaces: str | None = None):
     """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write.
+    `replaces`: a filter of the rows `data` stands for as a whole; those it does not hold are deleted in the
+    same commit.
 
     A null vector is a valid value here (an item without an image); LanceDB's default treats it as "bad".
     """
     table = open_table(db, name, required=False)
     if table is None:
         return db.create_table(name, data=data, schema=data.schema, on_bad_vectors="null")
-    if data.num_rows:
-        table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data, on_bad_vectors="null")
+    if data.num_rows or replaces:
+        merge = table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all()
+        if replaces:
+            merge = merge.when_not_matched_by_source_delete(replaces)
+        merge.execute(data, on_bad_vectors="null")
     return table
 
 

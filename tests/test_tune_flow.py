@@ -69,6 +69,20 @@ def test_bad_arguments_and_spaces_fail_with_one_message_before_ray_starts(tmp_pa
     assert not (tmp_path / "runs").exists() and not (tmp_path / "db").exists()
 
 
+def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_path):
+    from tuning.records import write_sweep
+
+    db = store.connect(str(tmp_path / "db"))
+    write_sweep(db, "a", [{"sweep_id": "a", "trial_id": "1", "status": "errored"},
+                          {"sweep_id": "a", "trial_id": "2", "status": "finished"}])
+    write_sweep(db, "b", [{"sweep_id": "b", "trial_id": "1", "status": "finished"}])
+    write_sweep(db, "a", [{"sweep_id": "a", "trial_id": "3", "status": "finished"},  # trial 1 retried as 3
+                          {"sweep_id": "a", "trial_id": "2", "status": "finished"}])
+    rows = store.open_table(db, SWEEPS).to_pandas()
+    assert sorted(zip(rows.sweep_id, rows.trial_id, rows.status)) == [
+        ("a", "2", "finished"), ("a", "3", "finished"), ("b", "1", "finished")]
+
+
 def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):
     import matplotlib.pyplot as plt
 
@@ -190,6 +204,7 @@ def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_the_other
     retried = tune_command(*args, "--sweep-resume", "--retry-errored")
     assert retried.returncode == 0, retried.stderr[-3000:]
     trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    # Tune restarts an errored trial as a new trial (a new id): its row replaces the errored attempt's
     assert (trials.status == "finished").all() and len(trials) == 2
     runs = read_runs(db).set_index("run_id")
     assert runs.loc[trials.loc[json.dumps({"cp_weight": 0.5})].run_id].epochs_run == 1

@@ -91,9 +91,12 @@ def error_text(trial) -> str:
     return (lines[-1] if lines else text)[:2000]
 
 
-def write_sweep(db, records: list[dict]) -> None:
+def write_sweep(db, name: str, records: list[dict]) -> None:
+    """The sweep's rows as its trials stand: a trial Tune restarted from scratch (--retry-errored) has a new
+    trial id, and the row of the attempt it replaced goes in the same commit."""
     rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} for record in records]
-    store.upsert(db, SWEEPS, pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA), ["sweep_id", "trial_id"])
+    store.upsert(db, SWEEPS, pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA), ["sweep_id", "trial_id"],
+                 replaces=f"sweep_id = {store.sql_string(name)}")
 
 
 def leaderboard(records: list[dict], keys: list[str], monitor_key: str) -> str:
@@ -181,7 +184,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
     sweep_settings = {"training": base.to_dict(), "sweep": asdict(sweep)}
     records = trial_records(db, run_dir.uri, name, base, sweep_settings, versions)
-    write_sweep(db, records)
+    write_sweep(db, name, records)
     keys = searched_keys(space)
     board = leaderboard(records, keys, base.monitor_key)
     files = [run_dir.write_bytes(LEADERBOARD_FILE, f"# Sweep {name}\n\n{board}\n".encode())]
