@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs
 
 from featurestore import objectstore
 
@@ -101,13 +102,27 @@ def connect(uri: str | None = None):
     return db
 
 
-def table_names(db) -> list[str]:
+def _listed(db) -> list[str]:
     result = db.list_tables()
     return list(getattr(result, "tables", result))
 
 
+def committed(db, name: str) -> bool:
+    """Whether table `name`'s directory holds a committed version (a manifest in `_versions/`). A run killed while
+    LanceDB created the table leaves a directory without one (a 0-byte `data/.tmp*` file): LanceDB lists it but
+    cannot open it; the store treats it as absent, and the next create writes its first version into it."""
+    fs, path = objectstore.filesystem(f"{str(db.uri).rstrip('/')}/{name}.lance/_versions")
+    listing = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return any(info.base_name.endswith(".manifest") for info in listing)
+
+
+def table_names(db) -> list[str]:
+    """The tables of `db` that can be opened (without the directories of creates a kill interrupted)."""
+    return [name for name in _listed(db) if committed(db, name)]
+
+
 def open_table(db, name: str, required: bool = True):
-    if name in table_names(db):
+    if name in _listed(db) and committed(db, name):
         return db.open_table(name)
     if required:
         raise StoreError(f"table {name!r} does not exist in {db.uri}; run the flow that creates it first")
