@@ -4,7 +4,9 @@ The configs live beside their encoders (encoders.text, encoders.image); this mod
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 # The encoder modules load torch: they are imported when a config or an encoder is asked for, so that naming
 # the defaults (a flow's --help) stays cheap.
@@ -79,6 +81,50 @@ def image_config(name: str) -> ImageConfig:
     if not timm.is_model(name):
         raise UnknownEncoderError(f"unknown image model {name!r}: not built in ({', '.join(_BUILTIN_IMAGE)}) and not a timm model name")
     return ImageConfig.from_timm(name)
+
+
+def local_weights(name: str, modality: str) -> tuple[str | None, list[str]]:
+    """Where the weights `name` means are on this machine, found without downloading or loading a model: (that
+    place, or None; the places looked, for a message). A built-in name's weights ship in a package; a text model
+    may also be a local model directory or a name in the Hugging Face cache; an image model a timm name whose
+    pretrained weights are in the Hugging Face or torch hub cache (UnknownEncoderError for any other image name)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    builtin = _BUILTIN_TEXT if modality == "text" else _BUILTIN_IMAGE
+    looked = [f"the built-in names ({', '.join(builtin)})"]
+    if name in builtin:
+        return "built in", looked
+    files: list[Path] = []  # local files that would be loaded
+    hub_files: list[tuple[str, str]] = []  # (repository, file) in the Hugging Face cache
+    if modality == "text":
+        looked.append(f"a model directory {Path(name).resolve()}")
+        files.append(Path(name) / "config.json")
+        hub_files.append((name, "config.json"))
+    else:
+        import timm
+        import torch
+
+        if not timm.is_model(name):
+            raise UnknownEncoderError(f"{name!r} is neither built in ({', '.join(builtin)}) nor a timm model name")
+        cfg = timm.models.get_pretrained_cfg(name)
+        if getattr(cfg, "hf_hub_id", None):
+            hub_files += [(cfg.hf_hub_id, f) for f in ("model.safetensors", "pytorch_model.bin")]
+        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+        looked.append(f"the torch hub cache {checkpoints}")
+        if getattr(cfg, "url", None):
+            files.append(checkpoints / Path(urlparse(cfg.url).path).name)
+    looked.append(f"the Hugging Face cache {constants.HF_HUB_CACHE}")
+    for path in files:
+        if path.is_file():
+            return str(path.resolve()), looked
+    for repo, filename in hub_files:
+        try:
+            cached = try_to_load_from_cache(repo, filename)
+        except ValueError:  # not a valid repository id, so in no cache
+            cached = None
+        if isinstance(cached, str):
+            return cached, looked
+    return None, looked
 
 
 def create_encoder(name: str, modality: str, device: str | None = None):

@@ -398,6 +398,24 @@ def ensure_indexes(table, min_rows: int = store.INDEX_MIN_ROWS) -> list[str]:
     return store.ensure_indexes(table, ("text_emb", "image_emb"), "cosine", min_rows)
 
 
+def check_models(text_model: str, image_model: str, allow_download: bool) -> None:
+    """UnknownEncoderError naming the flag for a model name that means nothing, or (unless `allow_download`) whose
+    weights are not on this machine, saying where it looked (`encoders.registry.local_weights`): nothing is
+    downloaded, no model loaded, Ray not started."""
+    from encoders.registry import UnknownEncoderError, local_weights
+
+    for modality, name in (("text", text_model), ("image", image_model)):
+        try:
+            found, looked = local_weights(name, modality)
+        except UnknownEncoderError as e:
+            raise UnknownEncoderError(f"--{modality}-model {e}") from None
+        if found is None and not allow_download:
+            raise UnknownEncoderError(
+                f"--{modality}-model {name!r} is not on this machine (looked in {'; '.join(looked)}); "
+                f"pass --allow-model-download to download it"
+            )
+
+
 def encode_catalog(
     catalog: str,
     fmt: str = "auto",
@@ -411,17 +429,24 @@ def encode_catalog(
     gpus_per_actor: float | None = None,
     limit: int | None = None,
     images: ImagePolicy | None = None,
+    allow_model_download: bool = False,
 ) -> EncodeSummary:
-    """Read, encode and upsert a catalog; bad arguments fail before any work, bad rows never fail the run."""
+    """Read, encode and upsert a catalog; bad arguments fail before Ray starts, bad rows never fail the run.
+    Models must be on this machine unless `allow_model_download` (`check_models`)."""
     from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
     from featurestore.catalogs import read_catalog
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of rows, got {limit}")
+    db_uri = store.check_uri(db_uri)
+    text_model, image_model = text_model or DEFAULT_TEXT_MODEL, image_model or DEFAULT_IMAGE_MODEL
+    check_models(text_model, image_model, allow_model_download)
     parsed = read_catalog(catalog, fmt, limit)
     settings = EncodeSettings(
-        text_model=text_model or DEFAULT_TEXT_MODEL,
-        image_model=image_model or DEFAULT_IMAGE_MODEL,
+        text_model=text_model,
+        image_model=image_model,
         template=TextTemplate(template),
         batch_size=batch_size,
         actors=actors,

@@ -78,6 +78,30 @@ class StoreError(RuntimeError):
     """A feature-store problem the user must fix (unreachable database, missing table...)."""
 
 
+# The URI schemes Lance 14 has an object store for (its error for any other lists them).
+URI_SCHEMES = ("s3", "s3+ddb", "gs", "az", "abfss", "oss", "cos", "goosefs", "hf", "file", "file+uring",
+               "file-object-store", "memory", "shared-memory")
+
+
+def check_uri(uri: str | None = None) -> str:
+    """`uri` (default DEFAULT_DB), checked without LanceDB, so before Ray starts: a scheme Lance opens, or a local
+    directory that exists or is created now. StoreError naming --db otherwise."""
+    uri = uri or DEFAULT_DB
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme not in URI_SCHEMES:
+            raise StoreError(f"--db {uri!r}: LanceDB cannot open {scheme}:// URIs (only {', '.join(URI_SCHEMES)})")
+        return uri
+    path = Path(uri)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--db {uri!r} is a file, not a LanceDB directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"--db {uri!r}: cannot create the LanceDB directory ({e})") from e
+    return uri
+
+
 def connect(uri: str | None = None):
     """Open (or create) the LanceDB database at `uri`; fail at once with a clear message if it is unusable.
 
@@ -85,15 +109,7 @@ def connect(uri: str | None = None):
     """
     import lancedb  # imported late: drivers must import lance after ray.init()
 
-    uri = uri or DEFAULT_DB
-    if "://" not in uri:
-        path = Path(uri)
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"--db {uri!r} is a file, not a LanceDB directory")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create LanceDB directory {uri!r}: {e}") from e
+    uri = check_uri(uri)
     try:
         db = lancedb.connect(uri, storage_options=objectstore.storage_options(uri) or None)
         db.list_tables()

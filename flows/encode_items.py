@@ -26,7 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--db", default=store.DEFAULT_DB, help="LanceDB URI (default: ./lancedb)")
     p.add_argument("--table", default=store.ITEMS)
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, help="built-in name, local path or cached transformers model")
-    p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL, help="built-in name or timm model name")
+    p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL, help="built-in name or cached timm model name")
+    p.add_argument("--allow-model-download", action="store_true",
+                   help="download a model that is not on this machine (Hugging Face hub, timm): for clusters with internet")
     p.add_argument("--text-template", default=DEFAULT_TEMPLATE, help="'|'-separated parts; empty parts are left out")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--actors", type=int, default=None, help="actors per encoder stage (default: one per GPU, or one)")
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         limit=args.limit,
+        allow_model_download=args.allow_model_download,
         images=ImagePolicy(roots=tuple(args.image_root), allow_private_hosts=args.allow_private_hosts,
                            max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                            deadline_s=args.image_deadline_s),

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -20,8 +19,8 @@ from encoders.image import ImageConfig
 from featurestore import store
 from featurestore.catalogs import read_catalog
 from featurestore.images import OUTSIDE_ROOTS, ImageFetchError, ImageLoader, ImagePolicy, decode, fetch_bytes
+from flow_runs import encode_flow_runs  # tests/ helper
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = ImagePolicy(allow_private_hosts=True, retries=0)
 CONFIG = ImageConfig(name="tf_efficientnet_lite0", input_size=32)
 
@@ -430,27 +429,11 @@ def test_bad_image_settings_name_their_flag(tmp_path):
 
 def test_bad_image_flags_fail_before_ray_starts(sample_catalog):
     """One message each, no traceback, and Ray never started in the process."""
-    code = """if True:
-        import contextlib, io, json, sys
-        sys.path.insert(0, "flows")
-        import encode_items
-        out = []
-        for argv in json.loads(sys.argv[1]):
-            stderr = io.StringIO()
-            with contextlib.redirect_stderr(stderr):
-                out.append([encode_items.main(argv), stderr.getvalue()])
-        import ray
-        print(json.dumps({"runs": out, "ray": ray.is_initialized()}))
-    """
     flags = [["--max-image-bytes", "0"], ["--max-image-pixels", "-5"], ["--image-deadline-s", "inf"],
              ["--image-root", "/no/such/folder"]]
-    argvs = [["--catalog", str(sample_catalog), *f] for f in flags]
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.splitlines()[-1])
-    assert result["ray"] is False
-    for (flag, _), (rc, stderr) in zip(flags, result["runs"]):
+    runs, ray_started = encode_flow_runs([["--catalog", str(sample_catalog), *f] for f in flags])
+    assert ray_started is False
+    for (flag, _), (rc, stderr) in zip(flags, runs):
         assert rc == 2 and stderr.startswith(f"error: {flag} ") and stderr.count("\n") == 1, stderr
 
 

@@ -1,0 +1,30 @@
+"""tests/ helper: run the encode flow's command line in a fresh interpreter and tell whether Ray started there."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CODE = """if True:
+    import contextlib, io, json, sys
+    sys.path.insert(0, "flows")
+    import encode_items
+    out = []
+    for argv in json.loads(sys.argv[1]):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            out.append([encode_items.main(argv), stderr.getvalue()])
+    import ray
+    print(json.dumps({"runs": out, "ray": ray.is_initialized()}))
+"""
+
+
+def encode_flow_runs(argvs: list[list[str]], env: dict | None = None) -> tuple[list[tuple[int, str]], bool]:
+    """`flows/encode_items.py main(argv)` for each argv, one after another in one new process: ([(exit status,
+    stderr)], whether Ray was initialised in that process afterwards)."""
+    done = subprocess.run([sys.executable, "-c", _CODE, json.dumps(argvs)], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    return [tuple(run) for run in result["runs"]], result["ray"]
