@@ -60,7 +60,7 @@ def test_every_train_setting_round_trips_through_its_flag():
              "eval_batch_size": 32, "lr": 0.01, "weight_decay": 1e-4, "max_len": 200, "seed": 7,
              "train_mode": "last", "window_stride": 5, "patience": 2, "time_budget_s": 90.5, "monitor": "hr@5", "ks": (5, 10),
              "mask_history": True, "num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5,
-             "threads_per_worker": 3, "max_failures": 0, "vectors_table": "vectors", "save_item_vectors": False,
+             "threads_per_worker": 3, "placement_strategy": "SPREAD", "max_failures": 0, "vectors_table": "vectors", "save_item_vectors": False,
              "save_plot": False}
     assert set(given) == {f.name for f in dataclasses.fields(TrainConfig)} - NOT_FLAGS
     assert all(value != getattr(defaults, name) for name, value in given.items())  # each flag changes something
