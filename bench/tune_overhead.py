@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tuning import SweepConfig, run_sweep  # noqa: E402 - after the path insert
+from tuning.sweep import run_id  # noqa: E402
 
 CASES = {
     "ml100k": {
@@ -88,11 +89,20 @@ def trial_phases(rows: list[dict], finished_at: float | None) -> dict:
     }
 
 
+def case_settings(name: str, work: Path) -> dict:
+    """The case's fixed training settings, with its own store and storage under `work`."""
+    return CASES[name]["settings"] | {"db": str(work / "db"), "storage": str(work / "runs")}
+
+
+def sweep_name(case: str) -> str:
+    return f"overhead-{case}"
+
+
 def run_case(name: str, work: Path) -> dict:
     case = CASES[name]
-    settings = case["settings"] | {"db": str(work / "db"), "storage": str(work / "runs")}
+    settings = case_settings(name, work)
     started = time.time()
-    result = run_sweep(settings, case["space"], SweepConfig(sweep_name=f"overhead-{name}", final_seeds=0,
+    result = run_sweep(settings, case["space"], SweepConfig(sweep_name=sweep_name(name), final_seeds=0,
                                                             max_concurrent=1, **case["sweep"]))
     ended = time.time()
     (work / CLOCK_FILE).write_text(json.dumps({"started": started, "ended": ended, "path": result.path}))
@@ -108,7 +118,7 @@ def phases(name: str, work: Path) -> dict:
     from training.records import RUNS, read_runs
 
     case = CASES[name]
-    settings = case["settings"] | {"db": str(work / "db"), "storage": str(work / "runs")}
+    settings = case_settings(name, work)
     clock = json.loads((work / CLOCK_FILE).read_text())
     started, ended = clock["started"], clock["ended"]
     db = store.connect(settings["db"])
@@ -116,7 +126,7 @@ def phases(name: str, work: Path) -> dict:
     analysis = tune.ExperimentAnalysis(clock["path"])
     trials = []
     for trial_id, frame in analysis.trial_dataframes.items():
-        run = f"overhead-{name}-{trial_id}"
+        run = run_id(sweep_name(name), trial_id)
         finished_at = finished.loc[run, "finished_at"].timestamp() if run in finished.index else None
         trials.append({"trial_id": trial_id} | trial_phases(frame.to_dict("records"), finished_at))
     trials.sort(key=lambda t: t["started_at"])
