@@ -48,13 +48,13 @@ PHASES = ("train", "eval", "trial_startup", "worker_group_startup", "worker_setu
 PHASE_MEANING = {
     "train": "training steps (train_s of every epoch)",
     "eval": "validation every epoch and the test scoring at the end",
-    "trial_startup": "run_training before the trainer: the store's snapshot, features, probe model, small splits computed",
+    "trial_startup": "run_training before the trainer: the store's snapshot, features, probe model (the splits are the sweep's)",
     "worker_group_startup": "trainer built -> train_loop entered on rank 0 (Ray Train's worker group, datasets)",
     "worker_setup": "train_loop entered -> first epoch (model, restore, DDP wrap)",
     "checkpoint_reports": "between epochs: the checkpoint write and ray.train.report",
     "run_records": "after the test scoring: the run's record in `runs` and Train's shutdown",
     "between_trials": "one trial's end -> the next one's run_training (Tune scheduling, trial launch)",
-    "sweep_startup": "sweep start -> first trial's run_training (Ray, the store, Tune's set-up)",
+    "sweep_startup": "sweep start -> first trial's run_training (Ray, the store, the trials' splits, Tune's set-up)",
     "sweep_records": "last trial's end -> sweep end (Tune's shutdown, `sweeps`, leaderboard, plots)",
 }
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,6 +105,44 @@ def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_k
     assert [axis.get_xscale() for axis in by_parameter.axes] == ["log", "symlog", "linear"]
 
 
+def test_a_sweeps_runs_take_the_splits_it_computed_once_and_modes_share_their_evaluation_splits(ray_local, tmp_path):
+    """shared_splits computes each split key once (validation and test do not depend on the training mode);
+    a run whose keys it holds takes those datasets themselves, and a run on another version of the sequences
+    computes its own."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from featurestore.sequences import SEQUENCES, SEQUENCES_SCHEMA, split_counts
+    from training.data import StoreSnapshot, example_datasets, shared_splits, split_keys
+
+    def sequences(users: int) -> pa.Table:
+        return pa.table({"user_id": [f"u{u}" for u in range(users)], "item_idx": [list(range(1, 12))] * users,
+                         "timestamps": [list(range(11))] * users, "first_timestamp": [0] * users},
+                        schema=SEQUENCES_SCHEMA)
+
+    table = store.connect(str(tmp_path / "db")).create_table(SEQUENCES, data=sequences(6))
+    rows = table.to_arrow()
+    snapshot = StoreSnapshot(db_uri=str(tmp_path / "db"), versions={SEQUENCES: table.version},
+                             sequences_uri=table.to_lance().uri, users=6, n_items=11,
+                             counts=split_counts(rows, 4, 2), max_gap_s=None)
+    shared = shared_splits([(snapshot, 4, "all", 1, 2), (snapshot, 4, "last", 1, 2)])
+    assert len(shared) == 4  # a training split per mode; validation and test once
+    counts = snapshot.counts
+    for mode in ("all", "last"):
+        keys = split_keys(snapshot, 4, mode, 1, 2)
+        assert shared[keys["train"]].count() == counts[f"train_examples_{mode}"]
+        datasets = example_datasets(snapshot, 4, mode, 1, 2, shared)
+        assert all(datasets[split] is shared[key] for split, key in keys.items())
+
+    table.add(sequences(2))  # a new version of the sequences: a run pinned to it reads its own splits
+    later = dataclasses.replace(snapshot, versions={SEQUENCES: table.version}, users=8,
+                                counts=split_counts(table.to_arrow(), 4, 2))
+    datasets = example_datasets(later, 4, "last", 1, 2, shared)
+    assert not set(map(id, datasets.values())) & set(map(id, shared.values()))
+    assert datasets["train"].count() == later.counts["train_examples_last"] > counts["train_examples_last"]
+
+
 @pytest.mark.slow
 def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tmp_path):
     db = build_ml100k_store(str(tmp_path / "db"), 16)
@@ -115,6 +154,7 @@ def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tm
                         "--monitor", "ndcg@10", "--max-len", "20", "--hidden-size", "16", "--n-layers", "1",
                         "--batch-size", "256", "--final-seeds", "2", "--sweep-name", "grid")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 example split(s) computed for the trials" in done.stdout  # one layout: the trials share it
     assert sum(line.startswith("trial ") for line in done.stdout.splitlines()) == 4  # a line per trial
 
     trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
@@ -142,32 +182,48 @@ def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tm
     assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
 
 
-@pytest.mark.slow
-def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(tmp_path):
-    db = build_ml100k_store(str(tmp_path / "db"), 16)
+@pytest.fixture(scope="module")
+def cut_sweep(tmp_path_factory):
+    """One HM4SR sweep shared by the resume and the errored-trial tests (a sweep's start-up is their cost): on
+    items without categories its cp_weight 0.5 trials cannot run. Grid order, one trial at a time: 0.5 (errors),
+    0 (finishes), then the driver is killed; --sweep-resume runs the rest: 0.5 (errors) and 0 (finishes).
+    What the tests assert of the state after the resume is read here, before the retry test changes the store."""
+    tmp_path = tmp_path_factory.mktemp("cut_sweep")
+    db = build_ml100k_store(str(tmp_path / "db"), 16, categories=False)
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.005, 0.006, 0.008]}\n")
-    args = ["--model", "sasrec", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
+    space.write_text("cp_weight: {grid: [0.5, 0.0]}\nlr: {grid: [0.005, 0.008]}\n")
+    args = ["--model", "hm4sr", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
             "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "2", "--max-len", "20",
-            "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "0",
-            "--sweep-name", "cut"]
+            "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--idcl-weight", "0",
+            "--pcl-weight", "0", "--final-seeds", "0", "--sweep-name", "cut"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen([sys.executable, TUNE, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, env=env)
-    for line in driver.stdout:  # the first trial is done: kill the sweep's driver (and its Ray) at once
-        if line.startswith("trial "):
+    errored_before = []  # the ids of the trials that errored before the kill
+    for line in driver.stdout:  # the first trial that trains is done: kill the sweep's driver (and its Ray) at once
+        if line.startswith("trial ") and "stopped by an error" in line:
+            errored_before.append(line.split(":")[0].removeprefix("trial "))
+        elif line.startswith("trial "):
             driver.kill()
             break
     driver.wait(timeout=60)
     first = read_runs(db).set_index("run_id")
-    assert len(first) == 1 and first.status.iloc[0] == "finished"
+    resumed = tune_command(*args, "--sweep-resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return SimpleNamespace(db=db, args=args, first=first, errored_before=errored_before, trials=store.open_table(db, SWEEPS).to_pandas(),
+                           runs=read_runs(db).set_index("run_id"),
+                           leaderboard=(tmp_path / "runs" / "cut" / "leaderboard.md").read_text())
 
-    done = tune_command(*args, "--sweep-resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = store.open_table(db, SWEEPS).to_pandas()
-    assert len(trials) == 3 and (trials.status == "finished").all() and (trials.epochs == 2).all()
-    runs = read_runs(db).set_index("run_id")
-    assert set(trials.run_id) == set(runs.index) and (runs.epochs_run == 2).all()
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(cut_sweep):
+    first = cut_sweep.first
+    assert len(first) == 1 and first.status.iloc[0] == "finished"
+    trials, runs = cut_sweep.trials, cut_sweep.runs
+    trained = trials[trials.config.str.contains('"cp_weight": 0.0')]
+    assert len(trials) == 4 and len(trained) == 2 and (trained.status == "finished").all()
+    assert (trained.epochs == 2).all()
+    assert set(trained.run_id) == set(runs.index) and (runs.epochs_run == 2).all()
     # the trial that had finished was not trained again: if Tune restarts it, its run continues from its last
     # checkpoint (epoch 2) straight to the test split, and that checkpoint stays the latest
     assert runs.loc[first.index[0]].checkpoint == first.checkpoint.iloc[0]
@@ -175,38 +231,27 @@ def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(tmp_p
 
 @pytest.mark.slow
 def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_the_others_finish_and_a_retry_runs_it(
-        tmp_path):
+        cut_sweep):
     """check_space cannot know the store: HM4SR's category loss on items without categories fails in its trial.
-    A resumed sweep keeps it errored; with --retry-errored, once the store has categories, it runs."""
-    db = build_ml100k_store(str(tmp_path / "db"), 16, categories=False)
-    space = tmp_path / "space.yaml"
-    space.write_text("cp_weight: {grid: [0.5, 0.0]}\n")
-    args = ["--model", "hm4sr", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--space", str(space),
-            "--search", "grid", "--num-samples", "1", "--scheduler", "none", "--epochs", "1", "--max-len", "20",
-            "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--idcl-weight", "0",
-            "--pcl-weight", "0", "--final-seeds", "0", "--sweep-name", "cats"]
-    done = tune_command(*args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
-    errored = trials.loc[json.dumps({"cp_weight": 0.5})]
-    assert errored.status == "errored" and "the items have no categories" in errored.stop_reason
-    assert trials.loc[json.dumps({"cp_weight": 0.0})].status == "finished"
-    assert "errored: trial" in (tmp_path / "runs" / "cats" / "leaderboard.md").read_text()
-    finished_run = read_runs(db).set_index("run_id")
+    The resumed sweep kept the trial that errored before the kill errored; with --retry-errored, once the store
+    has categories, the errored trials run."""
+    trials = cut_sweep.trials.set_index("config")
+    errored = trials[trials.index.str.contains('"cp_weight": 0.5')]
+    assert len(errored) == 2 and (errored.status == "errored").all()
+    assert errored.stop_reason.str.contains("the items have no categories").all()
+    assert "errored: trial" in cut_sweep.leaderboard
+    assert len(cut_sweep.errored_before) == 1 and set(cut_sweep.errored_before) <= set(errored.trial_id)
+    assert not set(errored.run_id) & set(cut_sweep.runs.index)  # the resume did not run the one that had errored
 
-    resumed = tune_command(*args, "--sweep-resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
-    assert trials.loc[json.dumps({"cp_weight": 0.5})].status == "errored"
-    assert len(read_runs(db)) == len(finished_run)  # nothing ran again
-
-    write_items(db, 16, categories=True)
-    retried = tune_command(*args, "--sweep-resume", "--retry-errored")
+    write_items(cut_sweep.db, 16, categories=True)
+    retried = tune_command(*cut_sweep.args, "--sweep-resume", "--retry-errored")
     assert retried.returncode == 0, retried.stderr[-3000:]
-    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    trials = store.open_table(cut_sweep.db, SWEEPS).to_pandas().set_index("config")
     # Tune restarts an errored trial as a new trial (a new id): its row replaces the errored attempt's
-    assert (trials.status == "finished").all() and len(trials) == 2
-    runs = read_runs(db).set_index("run_id")
-    assert runs.loc[trials.loc[json.dumps({"cp_weight": 0.5})].run_id].epochs_run == 1
-    # the trial that had finished was not trained again
-    assert runs.loc[finished_run.index[0]].checkpoint == finished_run.checkpoint.iloc[0]
+    assert (trials.status == "finished").all() and len(trials) == 4
+    assert not set(trials.trial_id) & set(errored.trial_id)
+    runs = read_runs(cut_sweep.db).set_index("run_id")
+    retried_runs = runs.loc[trials[trials.index.str.contains('"cp_weight": 0.5')].run_id]
+    assert (retried_runs.epochs_run == 2).all()
+    # the trials that had finished were not trained again
+    assert (runs.loc[cut_sweep.runs.index].checkpoint == cut_sweep.runs.checkpoint).all()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
 from featurestore import movielens, objectstore, store
 from featurestore.interactions import import_interactions
-from featurestore.sequences import SEQUENCES, ItemIndex, build_sequences, make_examples, max_gap_s, split_counts
+from featurestore.sequences import SEQUENCES, SPLITS, ItemIndex, build_sequences, make_examples, max_gap_s, split_counts
 from training.resources import DATA_TASK_CPUS
 
 # The flow that writes each table, for the error message when it is missing or empty.
@@ -27,7 +28,7 @@ SEQUENCE_COLUMNS = ["item_idx", "timestamps", "first_timestamp"]
 BLOCK_BYTES = 32 * 1024**2  # target size of a block of examples
 EXAMPLE_BYTES_PER_POSITION = 3 * 8  # item_seq, time_seq (, target_seq): int64 per history position
 BLOCKS_PER_WORKER = 4
-MATERIALIZE_SHARE = 0.25  # of the object store: splits up to this size are computed once per run
+MATERIALIZE_SHARE = 0.25  # of the object store: the splits held at once, up to this size, are materialized
 
 
 @dataclass(frozen=True)
@@ -136,35 +137,79 @@ def split_bytes(snapshot: StoreSnapshot, max_len: int, split: str, mode: str) ->
     return examples * max_len * EXAMPLE_BYTES_PER_POSITION
 
 
-def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int,
-                     stride: int | None = None) -> dict:
-    """{"train", "valid", "test"}: Ray datasets of leave-one-out examples from the pinned sequences.
+def split_key(snapshot: StoreSnapshot, split: str, max_len: int, train_mode: str, num_workers: int,
+              stride: int) -> tuple:
+    """Everything that decides a split's examples and blocks: the pinned sequences, L, the workers (blocks per
+    worker) and, for "train" only, the mode and (mode all) the stride. Runs that differ only in their model,
+    optimizer or batch size read the same splits, and validation and test are the same in either mode."""
+    key = (snapshot.sequences_uri, snapshot.versions[SEQUENCES], split, max_len, num_workers)
+    return key + ((train_mode, stride if train_mode == "all" else None) if split == "train" else ())
 
-    A split that fits in MATERIALIZE_SHARE of the object store is computed once, here, before the
-    workers start (the three at once: each execution mostly waits on scheduling): epochs then stream
-    it from memory instead of re-reading and re-slicing the table. A larger split (train_mode "last"
-    on a big data set) streams every epoch.
+
+def split_keys(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int,
+               stride: int) -> dict[str, tuple]:
+    return {split: split_key(snapshot, split, max_len, train_mode, num_workers, stride) for split in SPLITS}
+
+
+def shared_splits(layouts: Iterable[tuple[StoreSnapshot, int, str, int, int]],
+                  held: Mapping[tuple, object] | None = None) -> dict[tuple, object]:
+    """`held` and the Ray datasets of every other split of the (snapshot, max_len, train_mode, num_workers,
+    stride) layouts, once per distinct split_key: a sweep computes them before its trials, which then start
+    without computing any.
+
+    The result maps keys to Ray datasets, which hold object refs only: the examples of a materialized split
+    live in Ray's object store (on the nodes that computed them, spilled to disk under pressure) and the
+    holder's memory does not grow with the data. What the budget leaves out stays a plan, streamed every epoch.
     """
     import ray
 
-    datasets = {}
-    for split in ("train", "valid", "test"):
-        sequences = ray.data.read_lance(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES],
-                                        columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS,
-                                        storage_options=objectstore.storage_options(snapshot.sequences_uri))
-        users = users_per_block(snapshot, max_len, split, train_mode, num_workers)
-        examples = sequences.map_batches(
-            make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode, "stride": stride},
-            batch_format="pyarrow", batch_size=users, num_cpus=DATA_TASK_CPUS)
-        # one make_examples call = one block (Ray would otherwise merge small outputs up to 128 MiB)
-        examples.context.target_max_block_size = BLOCK_BYTES
-        examples.context.enable_progress_bars = False  # one line per epoch is the run's output
-        datasets[split] = examples
-    budget = MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
-    small = [split for split in datasets if split_bytes(snapshot, max_len, split, train_mode) <= budget]
-    with ThreadPoolExecutor(max(len(small), 1)) as pool:
-        datasets.update(zip(small, pool.map(lambda split: datasets[split].materialize(), small)))
+    held, plans = dict(held or {}), {}
+    for snapshot, max_len, train_mode, num_workers, stride in layouts:
+        for split, key in split_keys(snapshot, max_len, train_mode, num_workers, stride).items():
+            if key not in plans and key not in held:
+                users = users_per_block(snapshot, max_len, split, train_mode, num_workers)
+                plans[key] = (example_plan(snapshot, split, max_len, train_mode, stride, users),
+                              split_bytes(snapshot, max_len, split, train_mode))
+    # the splits held at once share one budget; the smallest are computed first, so the most of them fit
+    budget, kept = MATERIALIZE_SHARE * ray.cluster_resources().get("object_store_memory", 0), []
+    for key, (_, size) in sorted(plans.items(), key=lambda entry: entry[1][1]):
+        if size <= budget:
+            kept.append(key)
+            budget -= size
+    datasets = held | {key: dataset for key, (dataset, _) in plans.items()}
+    with ThreadPoolExecutor(max(len(kept), 1)) as pool:  # at once: each execution mostly waits on scheduling
+        datasets.update(zip(kept, pool.map(lambda key: datasets[key].materialize(), kept)))
     return datasets
+
+
+def example_plan(snapshot: StoreSnapshot, split: str, max_len: int, train_mode: str, stride: int, users: int):
+    """A lazy Ray dataset of the split's leave-one-out examples from the pinned sequences, `users` a block."""
+    import ray
+
+    sequences = ray.data.read_lance(snapshot.sequences_uri, version=snapshot.versions[SEQUENCES],
+                                    columns=SEQUENCE_COLUMNS, num_cpus=DATA_TASK_CPUS,
+                                    storage_options=objectstore.storage_options(snapshot.sequences_uri))
+    examples = sequences.map_batches(
+        make_examples, fn_kwargs={"split": split, "max_len": max_len, "mode": train_mode, "stride": stride},
+        batch_format="pyarrow", batch_size=users, num_cpus=DATA_TASK_CPUS)
+    # one make_examples call = one block (Ray would otherwise merge small outputs up to 128 MiB)
+    examples.context.target_max_block_size = BLOCK_BYTES
+    examples.context.enable_progress_bars = False  # one line per epoch is the run's output
+    return examples
+
+
+def example_datasets(snapshot: StoreSnapshot, max_len: int, train_mode: str, num_workers: int, stride: int,
+                     shared: Mapping[tuple, object] | None = None) -> dict:
+    """{"train", "valid", "test"}: Ray datasets of leave-one-out examples from the pinned sequences.
+
+    The splits `shared` holds (shared_splits of a sweep, at the same table versions) are taken from it; the
+    others are computed here, before the workers start: a split that fits in MATERIALIZE_SHARE of the object
+    store is materialized, so epochs stream it from memory instead of re-reading and re-slicing the table. A
+    larger split (train_mode "last" on a big data set) streams every epoch.
+    """
+    datasets = shared_splits([(snapshot, max_len, train_mode, num_workers, stride)], held=shared)
+    return {split: datasets[key] for split, key in split_keys(snapshot, max_len, train_mode, num_workers,
+                                                              stride).items()}
 
 
 def data_config():

@@ -9,7 +9,9 @@ input is a clear error before any worker starts. Then the TorchTrainer runs trai
 on every worker with Ray datasets of the pinned sequences. At the end the driver reads the latest
 checkpoint (it holds the best weights and the per-epoch metrics), writes the trained item vectors to
 `item_vectors`, the learning curves beside the checkpoints, and the record to `runs`.
-`callbacks` go to RunConfig (a Ray Tune trial passes TuneReportCallback there).
+`callbacks` go to RunConfig (a Ray Tune trial passes TuneReportCallback there); `shared_splits` are example
+datasets computed once for many runs (training.data.shared_splits: a sweep's, for its trials), used where
+they match the run's split keys instead of computing the run's own.
 """
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ class RunResult:
         ]
 
 
-def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResult:
+def run_training(config: Mapping[str, Any], callbacks: Sequence = (),
+                 shared_splits: Mapping[tuple, Any] | None = None) -> RunResult:
     started, started_at, run_started_at = time.perf_counter(), records.now(), time.time()
     settings, run_dir = resolve_settings(config)
     ensure_ray()
@@ -140,7 +143,8 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = ()) -> RunResu
           f"{snapshot.train_examples(settings.train_mode)} training sequences per epoch "
           f"({snapshot.train_examples('last')} targets); {plan}", flush=True)
 
-    trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks, run_started_at)
+    trainer = build_trainer(settings, run_dir, plan, snapshot, meta, features, callbacks, run_started_at,
+                            shared_splits)
     run_dir.write_bytes(SETTINGS_FILE, json.dumps(settings.to_dict(), indent=1).encode())
     base = {"run_id": run_dir.name, "model": settings.model, "started_at": started_at, "run_dir": run_dir.uri,
             "config": json.dumps({"settings": settings.to_dict(), "model": meta}), "monitor": settings.monitor_key,
@@ -232,7 +236,8 @@ def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features:
 
 
 def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snapshot: StoreSnapshot, meta: dict,
-                  features: dict | None, callbacks: Sequence, run_started_at: float):
+                  features: dict | None, callbacks: Sequence, run_started_at: float,
+                  shared_splits: Mapping[tuple, Any] | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -245,8 +250,9 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
                                      controller_failure_limit=WORKER_GROUP_START_ATTEMPTS),
         worker_runtime_env={"env_vars": WORKER_ENV_VARS},
     )
-    # the datasets first: their small splits are computed here, and worker_config stamps the time after that
-    datasets = example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers, settings.stride)
+    # the datasets first: small splits not shared are computed here, and worker_config stamps the time after that
+    datasets = example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers, settings.stride,
+                                shared_splits)
     return TorchTrainer(train_loop_on_nodes,
                         train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
                         scaling_config=plan.scaling_config(settings.placement_strategy), run_config=run_config,

@@ -162,14 +162,15 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
     return {TRIALS_PLOT: best_so_far, CURVES_PLOT: curves, PARAMS_PLOT: by_parameter}
 
 
-def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str) -> dict:
+def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict) -> dict:
     """The best configuration trained again with seeds 1..N to early stopping (the same seeds for every model,
-    so comparisons pair); the test metrics' mean and std, ranked and masked. Seed 1 writes the item vectors."""
+    so comparisons pair), on the sweep's splits; the test metrics' mean and std, ranked and masked. Seed 1
+    writes the item vectors."""
     runs = []
     for seed in range(1, seeds + 1):
         settings = trial_settings(trial_base, best["params"], space) | {
             "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
-        result = run_training(continuing(settings))
+        result = run_training(continuing(settings), shared_splits=splits)
         print("\n".join(result.lines()), flush=True)
         runs.append(result)
     metrics = sorted(runs[0].test)
@@ -178,7 +179,8 @@ def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str
             **{f"{m}_std": float(np.std([r.test[m] for r in runs], ddof=1)) if seeds > 1 else 0.0 for m in metrics}}
 
 
-def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, grid, wall_s: float):
+def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, grid, wall_s: float,
+                 splits: dict):
     """Records, leaderboard and plots from the finished sweep, then the final seeds."""
     run_dir = RunDir(base.storage, name)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
@@ -193,7 +195,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     best = max(scored, key=lambda r: r["best_value"]) if scored else None
     final = None
     if best is not None and sweep.final_seeds:
-        final = final_seeds(best, trial_base, space, sweep.final_seeds, name)
+        final = final_seeds(best, trial_base, space, sweep.final_seeds, name, splits)
         files.append(run_dir.write_bytes("final_seeds.json", json.dumps(final, indent=1).encode()))
     return SweepResult(name=name, path=run_dir.uri, leaderboard=board, best=best, final=final, files=files,
                        wall_time_s=wall_s)

@@ -7,9 +7,11 @@
 The trainable is a driver function (the Train V2 pattern): each trial calls run_training with its sampled
 settings and TuneReportCallback, which hands Tune every epoch's rank-0 metrics. Tune restores nothing itself
 (it gets checkpoint paths only), so a trial's run is named after its trial id and a restarted trial resumes
-that run. The sweep driver prepares the store once, before any trial, and sizes the trials so that they
-never wait on each other's workers and always leave Ray Data its CPUs. ASHA's clock is the run's
-cumulative optimizer steps: epochs are not comparable when batch size or training mode is searched.
+that run. The sweep driver prepares the store once, before any trial, computes the example splits of every
+layout the space lists once (training.data.shared_splits: Ray datasets the trials read, never copies in the
+driver), and sizes the trials so that they never wait on each other's workers and always leave Ray Data
+its CPUs. ASHA's clock is the run's cumulative optimizer steps: epochs are not comparable when batch size or
+training mode is searched.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from featurestore.raycluster import DATA_CPU_RESERVE, ResourcePlanError, ensure_
 from featurestore.sequences import split_counts
 from ray import tune
 from training.config import TrainConfig
-from training.data import ensure_dataset
-from tuning.space import check_space, finite_combinations, param_space, trial_settings
+from training.data import ensure_dataset, shared_splits, snapshot_store
+from tuning.space import LISTED, check_space, finite_combinations, param_space, parse_spec, trial_settings
 
 SEARCHES = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 TRIAL_DRIVER_CPUS = 0.25  # a trial's driver reads the store and waits on its Train workers
-STEP_KEYS = ("batch_size", "train_mode", "window_stride")  # the settings that decide steps per epoch
+STEP_KEYS = ("batch_size", "max_len", "train_mode", "window_stride")  # the settings that decide steps per epoch
+LAYOUT_KEYS = ("max_len", "train_mode", "window_stride")  # with num_workers (fixed for a sweep): a trial's splits
 
 
 @dataclass
@@ -112,15 +115,35 @@ def plan_trials(cluster_cpus: float, settings: TrainConfig, max_concurrent: int 
     return TrialPlan(concurrent, cpus)
 
 
+def trial_variants(settings: TrainConfig, space: Mapping[str, Any], keys: tuple[str, ...]) -> list[TrainConfig]:
+    """The trial settings of every combination of the space's finite values of `keys`, the rest as `settings`
+    (one, `settings` itself, when none of them is searched)."""
+    subspace = {key: space[key] for key in keys if key in space}
+    return [TrainConfig.from_dict(trial_settings(settings.to_dict(), params, subspace))
+            for params in finite_combinations(subspace)]
+
+
 def steps_per_epoch_range(rows, settings: TrainConfig, space: Mapping[str, Any]) -> tuple[int, int]:
-    """(fewest, most) optimizer steps in an epoch over the space's finite values of batch size, mode and stride."""
-    steps_space = {key: space[key] for key in STEP_KEYS if key in space}
+    """(fewest, most) optimizer steps in an epoch over the space's finite values of batch size, L, mode and stride."""
     steps = []
-    for params in finite_combinations(steps_space):  # one empty combination when none of them is searched
-        trial = TrainConfig.from_dict(trial_settings(settings.to_dict(), params, steps_space))
+    for trial in trial_variants(settings, space, STEP_KEYS):
         counts = split_counts(rows, trial.max_len, trial.window_stride)
         steps.append(math.ceil(counts[f"train_examples_{trial.train_mode}"] / trial.batch_size))
     return min(steps), max(steps)
+
+
+def sweep_splits(db, settings: TrainConfig, space: Mapping[str, Any]) -> dict[tuple, Any]:
+    """The example splits of every layout (L, mode, stride) the space lists, computed once for all trials.
+
+    A trial whose split keys are here starts without computing any. A space that samples L or the stride
+    (randint) leaves each trial to compute its own, as a run outside a sweep does. A layout the store cannot
+    train is refused here, before any trial.
+    """
+    if any(parse_spec(key, space[key])[0] not in LISTED for key in LAYOUT_KEYS if key in space):
+        return {}
+    layouts = {(t.max_len, t.train_mode, t.stride) for t in trial_variants(settings, space, LAYOUT_KEYS)}
+    return shared_splits([(snapshot_store(db, max_len, mode, settings.num_workers, stride)[0], max_len, mode,
+                           settings.num_workers, stride) for max_len, mode, stride in sorted(layouts)])
 
 
 def sweep_name(settings: TrainConfig, sweep: SweepConfig) -> str:
@@ -145,18 +168,20 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     rows = store.read_columns(db, "sequences", ["item_idx"])
     fewest, most = steps_per_epoch_range(rows, base, space)
     plan = plan_trials(ray.cluster_resources().get("CPU", 0.0), base, sweep.max_concurrent)
+    splits = sweep_splits(db, base, space)
     trial_base = {**base.to_dict(), "cpus_per_worker": plan.cpus_per_worker, "dataset": None,
                   "storage": f"{base.storage.rstrip('/')}/{name}/runs", "save_item_vectors": False,
                   "save_plot": False}
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
-          f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch", flush=True)
-    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, fewest, most)
+          f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
+          f"split(s) computed for the trials", flush=True)
+    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, fewest, most, splits)
     grid = tuner.fit()
-    return finish_sweep(db, name, base, trial_base, dict(space), sweep, grid, time.perf_counter() - started)
+    return finish_sweep(db, name, base, trial_base, dict(space), sweep, grid, time.perf_counter() - started, splits)
 
 
 def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, sweep: SweepConfig, plan: TrialPlan,
-                fewest_steps: int, most_steps: int):
+                fewest_steps: int, most_steps: int, splits: dict[tuple, Any]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
@@ -164,7 +189,9 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
     # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
     # reservations take the CPUs the running trial's Train workers need, and they never start
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
-    trainable = tune.with_resources(TrialRunner(name, trial_base, space), {"cpu": TRIAL_DRIVER_CPUS})
+    # the splits travel through the object store once (Tune's with_parameters), not with every trial
+    trainable = tune.with_resources(tune.with_parameters(TrialRunner(name, trial_base, space), splits=splits),
+                                    {"cpu": TRIAL_DRIVER_CPUS})
     path = f"{base.storage.rstrip('/')}/{name}"
     if sweep.sweep_resume:
         if not tune.Tuner.can_restore(path):
@@ -197,14 +224,14 @@ class TrialRunner:
     def __init__(self, sweep_name: str, trial_base: dict, space: dict):
         self.sweep_name, self.trial_base, self.space = sweep_name, trial_base, space
 
-    def __call__(self, params: dict) -> None:
+    def __call__(self, params: dict, splits: dict[tuple, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from training import run_training
 
         settings = trial_settings(self.trial_base, params, self.space)
         settings["name"] = run_id(self.sweep_name, tune.get_context().get_trial_id())
-        run_training(continuing(settings), callbacks=[TuneReportCallback()])
+        run_training(continuing(settings), callbacks=[TuneReportCallback()], shared_splits=splits)
 
 
 def continuing(settings: dict) -> dict:
