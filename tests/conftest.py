@@ -123,26 +123,39 @@ def s3(s3_server, monkeypatch):
     return s3_server
 
 
+# Each node of the two_nodes cluster: 2 logical CPUs (the two oversubscribe the machine's cores), a small object store.
+CLUSTER_NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "object_store_memory": 256 * 1024**2}
+
+
+def own_ports() -> dict:
+    """Ports of a node's agents: their defaults would collide with any other Ray on the machine."""
+    from featurestore.raycluster import free_port
+
+    return {name: free_port() for name in ("dashboard_agent_listen_port", "metrics_agent_port",
+                                           "metrics_export_port", "runtime_env_agent_port")}
+
+
+def add_second_node(cluster):
+    """The second node: CLUSTER_NODE with the custom resource `node_b`. Also how a test replaces one it killed."""
+    node = cluster.add_node(**CLUSTER_NODE, **own_ports(), resources={"node_b": 1})
+    cluster.wait_for_nodes()
+    return node
+
+
 @pytest.fixture(scope="session")
 def two_nodes():
-    """A Ray cluster of two nodes on 127.0.0.1 (Ray's own ray.cluster_utils.Cluster), oversubscribing the cores:
-    a head with 2 logical CPUs and a second node with 2 more and the custom resource `node_b`. This process
-    does not join it (it may hold the session's local Ray): jobs join with RAY_ADDRESS=cluster.address."""
+    """A Ray cluster of two nodes on 127.0.0.1 (Ray's own ray.cluster_utils.Cluster): a head and the second node
+    (add_second_node). This process does not join it (it may hold the session's local Ray): jobs join with
+    RAY_ADDRESS=cluster.address. A test that kills the second node adds one back before it ends."""
     from ray.cluster_utils import Cluster
 
     from featurestore.raycluster import free_port
 
-    def own_ports() -> dict:  # the agents' default ports would collide with any other Ray on the machine
-        return {name: free_port() for name in ("dashboard_agent_listen_port", "metrics_agent_port",
-                                               "metrics_export_port", "runtime_env_agent_port")}
-
-    node = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "object_store_memory": 256 * 1024**2}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **node, **own_ports(), "gcs_server_port": free_port(), "include_dashboard": True,
+        **CLUSTER_NODE, **own_ports(), "gcs_server_port": free_port(), "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     try:
-        cluster.add_node(**node, **own_ports(), resources={"node_b": 1})
-        cluster.wait_for_nodes()
+        add_second_node(cluster)
         yield cluster
     finally:
         cluster.shutdown()
