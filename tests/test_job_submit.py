@@ -1,4 +1,6 @@
-"""`ray job submit --working-dir .` of the encoding flow and of a sweep against a `ray start --head` cluster on 127.0.0.1."""
+"""`ray job submit --working-dir .` of the encoding flow and of a sweep against a `ray start --head` cluster on
+127.0.0.1, started as from a shell without the venv on its PATH, and submitted as the README says."""
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,12 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent  # the venv's bin: ray, python
+# The documented way (README, "On a cluster"): the entrypoint is a shell command whose `python` is the first one on
+# the PATH of the head node's `ray start`, so the job's runtime env puts the project's environment first there (Ray
+# expands ${PATH} on the node). py_executable would not do: it picks the interpreter of the job's workers only.
+PROJECT_ON_PATH = {"env_vars": {"PATH": f"{BIN}:${{PATH}}"}}
 
 
 def free_port():
@@ -37,14 +45,17 @@ def wait_for_dashboard(address: str, process: subprocess.Popen, timeout_s: float
     raise TimeoutError(f"the Ray dashboard at {address} did not come up in {timeout_s}s")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node():
     """A head node of its own, in its own process group: stopping it touches no other Ray on the machine
-    (`ray stop` would also kill the test session's Ray, and anybody else's)."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    (`ray stop` would also kill the test session's Ray, and anybody else's). Started by the venv's `ray` from a
+    PATH without the venv, as from a shell that never activated it: the raylet's PATH, which the job's
+    entrypoint gets, then has no `python` with the project's dependencies. One for the module: each start and
+    stop costs tens of seconds, and the jobs share nothing but the cluster."""
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != BIN.resolve())
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("VIRTUAL_ENV", None)
     gcs_port, dashboard_port = free_port(), free_port()
     # Every port of its own: the agents' defaults would collide with the test session's Ray (or any other),
     # and then the job agent never comes up.
@@ -52,7 +63,7 @@ def head_node():
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = Path("/tmp") / f"ray_job_test_{os.getpid()}"  # short: Ray's socket paths have a length limit
-    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+    start = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
              f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
              "--object-store-memory=536870912", "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports]
     process = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -70,22 +81,40 @@ def head_node():
         subprocess.run(["pkill", "-KILL", "-f", str(temp_dir)], check=False)  # stragglers of this cluster only
 
 
-def submit(address: str, env: dict, *command: str) -> str:
-    """`ray job submit --working-dir .` of a flow, as users run it; its output once it succeeded."""
-    args = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-            "--", "python", *command]
+def run_job(address: str, env: dict, command: list[str], runtime_env: dict | None) -> tuple[int, str]:
+    """`ray job submit --working-dir . [--runtime-env-json ...] -- python COMMAND`: its exit status and output."""
+    args = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", "."]
+    if runtime_env is not None:
+        args += ["--runtime-env-json", json.dumps(runtime_env)]
+    args += ["--", "python", *command]
     for _ in range(30):  # the job agent comes up a little after the dashboard answers
         result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         output = result.stdout + result.stderr
         if "No available agent" not in output:
             break
         time.sleep(2)
-    assert result.returncode == 0, output[-3000:]
+    return result.returncode, output
+
+
+def submit(address: str, env: dict, *command: str) -> str:
+    """A flow submitted the documented way; its output once it succeeded."""
+    returncode, output = run_job(address, env, list(command), PROJECT_ON_PATH)
+    assert returncode == 0, output[-3000:]
     assert "succeeded" in output
     return output
 
 
+def test_without_the_runtime_env_the_job_finds_no_python_with_the_projects_dependencies(head_node):
+    """What the runtime env is for: the head's PATH has no `python` that imports pyarrow (ModuleNotFoundError from
+    another Python on the PATH, or no `python` at all)."""
+    env, address = head_node
+    returncode, output = run_job(address, env, ["-c", "import pyarrow"], runtime_env=None)
+    assert returncode != 0 and "succeeded" not in output
+    assert "No module named 'pyarrow'" in output or "python: not found" in output, output[-3000:]
+
+
 def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_path):
+    """The documented submission from a head without the venv on its PATH: the flow runs and fills the store."""
     env, address = head_node
     db = tmp_path / "db"
     output = submit(address, env, "flows/encode_items.py", "--catalog", str(sample_catalog), "--db", str(db),
