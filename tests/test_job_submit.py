@@ -53,7 +53,10 @@ def head_node():
     entrypoint gets, then has no `python` with the project's dependencies. One for the module: each start and
     stop costs tens of seconds, and the jobs share nothing but the cluster."""
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != BIN.resolve())
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # on SIGTERM `ray start` would first ask the GCS to drain the node, and the GCS has had the same
+           # SIGTERM: the request times out after 30 s. This head has nothing to drain.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("VIRTUAL_ENV", None)
     gcs_port, dashboard_port = free_port(), free_port()
