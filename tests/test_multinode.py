@@ -150,7 +150,10 @@ def test_the_second_node_killed_mid_training_the_run_waits_for_a_node_and_resume
     try:
         wait_until(marker.exists, "the failure in epoch 2", driver=driver, log=log)
         two_nodes.remove_node(second, allow_graceful=False)
-        two_nodes.wait_for_nodes(timeout=120)  # until the GCS counts the second node dead
+        try:
+            two_nodes.wait_for_nodes(timeout=120)  # until the GCS counts the second node dead
+        except TimeoutError:
+            pytest.fail("the GCS still counted the killed node alive after 120 s")
         wait_until(lambda: pending_placement_group(two_nodes), "the run waiting for a node", driver=driver, log=log)
         assert driver.poll() is None
         replacement = add_second_node(two_nodes)
