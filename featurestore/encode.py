@@ -1,10 +1,16 @@
-"""The item-encoding pipeline: catalog -> text assembly -> image fetch (CPU tasks) -> encoder actor pools -> LanceDB.
+"""The item-encoding pipeline, all in Ray: catalog read and parse (tasks) -> text and content hash (tasks) ->
+joins on item_id that find new and changed rows -> image fetch (tasks) -> encoder actor pools -> Lance fragment
+writers (tasks); the driver commits what they staged and merges it into the LanceDB table (`EncodeJob`).
 
 `flows/encode_items.py` is a thin command line over `encode_catalog`; everything here is importable and tested.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
+import os
 import string
 import time
 from dataclasses import dataclass, field
@@ -12,14 +18,16 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from featurestore import store
-from featurestore.catalogs import Catalog
+from featurestore import objectstore, store
+from featurestore.catalogs import CatalogSource, open_catalog
+from featurestore.formats import BUILTIN
 from featurestore.images import ImagePolicy
-from featurestore.raycluster import DATA_TASK_CPUS, ResourcePlanError, cpus_beside_ray_data, ensure_ray
+from featurestore.raycluster import (DATA_TASK_CPUS, SHUFFLE_CPU_RESERVE, ResourcePlanError, cpus_beside_ray_data,
+                                     ensure_ray)
 
 DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
-WRITE_CHUNK_ROWS = 8192  # rows per merge_insert: each one is a new table version
 # Stored before the content hash of an item whose image failed transiently: the stored hash then never equals a
 # fresh one, so the next run plans the item as changed and fetches its image again.
 RETRY_PREFIX = "retry:"
@@ -89,6 +97,10 @@ class EncodeSettings:
     gpus_per_actor: float | None = None  # None: use GPUs if the cluster has them
     images: ImagePolicy = field(default_factory=ImagePolicy)  # the catalog's folder is added as a root per run
     index_min_rows: int = store.INDEX_MIN_ROWS
+    # The driver commits what the writers staged at least every commit_rows rows or commit_seconds, so a killed
+    # run keeps what it finished; each commit is a version of the staging tables, not of the items table.
+    commit_rows: int = 50_000
+    commit_seconds: float = 30.0
 
 
 @dataclass
@@ -100,10 +112,23 @@ class EncodeSummary:
     rejected_whole: int = 0
     image_failures: int = 0
     image_failures_transient: int = 0  # of image_failures: retried on the next run
-    encode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # the streaming pass: read, plan, encode, stage, commit
     steady_items_per_s: float = 0.0
-    first_batch_seconds: float = 0.0  # start-up: scheduling, actor creation, model loading
+    first_batch_seconds: float = 0.0  # start-up: scheduling, the plan's joins, actor creation, model loading
     indexed: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: recover, stream, commit, merge, index
+
+    def add(self, written: dict) -> None:
+        """Count one writer result (`stage_batch`)."""
+        self.encoded += written["encoded"]
+        self.image_failures += written["image_failures"]
+        self.image_failures_transient += written["image_failures_transient"]
+        self.unchanged += written["unchanged"]
+        self.rejected_whole += written["rejected"] + written["still_rejected"]
+        self.input += written["rows"] + written["unchanged"] + written["still_rejected"]
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "items_per_s": self.items_per_s}
 
     @property
     def items_per_s(self) -> float:
@@ -124,6 +149,7 @@ class EncodeSummary:
             out.append("nothing to encode: every item is unchanged since the last run")
         if self.indexed:
             out.append(f"ANN index built/updated on: {', '.join(self.indexed)}")
+        out.append("phases (wall s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases.items()))
         return out
 
 
@@ -136,8 +162,9 @@ class ActorResources:
 
 
 def plan_resources(cluster_cpus: float, cluster_gpus: float, stages: int, actors: int | None, gpus_per_actor: float | None) -> ActorResources:
-    """CPU/GPU requests for each encoder stage's actor pool that always leave CPU for the fetch/read tasks
-    (featurestore.raycluster: a pool holding every CPU hangs Ray Data); a ResourcePlanError for a plan that cannot."""
+    """CPU/GPU requests for each encoder stage's actor pool that always leave CPU for the plan's joins and the
+    fetch/read tasks (featurestore.raycluster: a pool holding every CPU hangs Ray Data); a ResourcePlanError for a
+    plan that cannot."""
     if gpus_per_actor is None:
         gpus_per_actor = min(1.0, cluster_gpus / stages) if cluster_gpus else 0.0
     if gpus_per_actor > 0:
@@ -148,7 +175,7 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, stages: int, actors
                 f"{gpus_per_actor * actors * stages:g} GPUs; the cluster has {cluster_gpus:g}"
             )
     actors = actors or 1
-    cpus = min(1.0, cpus_beside_ray_data(cluster_cpus, actors * stages, "encoding"))
+    cpus = min(1.0, cpus_beside_ray_data(cluster_cpus, actors * stages, "encoding", SHUFFLE_CPU_RESERVE))
     if cpus < 0.1:
         raise ResourcePlanError(
             f"{actors} actor(s) per stage x {stages} stage(s) leave no CPU for the tasks that feed them on a "
@@ -163,43 +190,23 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, stages: int, actors
 
 
 class _Embedder:
-    """Ray Data actor: loads one encoder once and embeds every batch it is given."""
+    """Ray Data actor: one encoder, loaded on the first batch that needs it (a catalog without images never
+    loads the image model), embedding the rows a batch marks for encoding."""
 
     modality: str
 
     def __init__(self, model_name: str, torch_threads: int):
-        import torch
+        self.model_name, self.torch_threads, self.encoder = model_name, torch_threads, None
 
-        from encoders import create_encoder
+    def load(self):
+        if self.encoder is None:
+            import torch
 
-        torch.set_num_threads(torch_threads)
-        self.encoder = create_encoder(model_name, self.modality)
+            from encoders import create_encoder
 
-
-class TextEmbedder(_Embedder):
-    modality = "text"
-
-    def __call__(self, batch: dict) -> dict:
-        texts = batch.pop("text")
-        has_text = np.array([bool(t) for t in texts])
-        embeddings = np.zeros((len(texts), self.encoder.dim), dtype=np.float32)
-        if has_text.any():
-            embeddings[has_text] = self.encoder.encode([t for t in texts if t])
-        batch.update(text_emb=embeddings, has_text=has_text)
-        return batch
-
-
-class ImageEmbedder(_Embedder):
-    modality = "image"
-
-    def __call__(self, batch: dict) -> dict:
-        has_image = batch["has_image"]
-        embeddings = np.zeros((len(has_image), self.encoder.dim), dtype=np.float32)
-        if has_image.any():
-            embeddings[has_image] = self.encoder.encode(batch["pixels"][has_image])
-        del batch["pixels"]  # 150 KB a row: do not carry it further
-        batch.update(image_emb=embeddings)
-        return batch
+            torch.set_num_threads(self.torch_threads)
+            self.encoder = create_encoder(self.model_name, self.modality)
+        return self.encoder
 
 
 def _vectors(matrix: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:
@@ -208,8 +215,231 @@ def _vectors(matrix: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
 
 
+def _to_encode(batch: pa.Table) -> np.ndarray:
+    return np.asarray(batch.column("verdict").to_numpy(zero_copy_only=False) == ENCODE)
+
+
+class TextEmbedder(_Embedder):
+    modality = "text"
+
+    def __init__(self, model_name: str, torch_threads: int, dim: int):
+        super().__init__(model_name, torch_threads)
+        self.dim = dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        has_text = _to_encode(batch) & np.array([bool(t) for t in texts], dtype=bool)
+        embeddings = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
+        if has_text.any():
+            embeddings[has_text] = self.load().encode([t for t, keep in zip(texts, has_text) if keep])
+        return batch.append_column("text_emb", _vectors(embeddings, has_text, self.dim))
+
+
+class ImageEmbedder(_Embedder):
+    modality = "image"
+
+    def __init__(self, model_name: str, torch_threads: int, dim: int, input_size: int):
+        super().__init__(model_name, torch_threads)
+        self.dim, self.input_size = dim, input_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels = batch.column("pixels")
+        has_image = np.asarray(pixels.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        embeddings = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
+        if has_image.any():
+            size = self.input_size
+            stacked = np.stack([np.frombuffer(p, np.uint8).reshape(size, size, 3)
+                                for p in pixels.filter(pa.array(has_image)).to_pylist()])
+            embeddings[has_image] = self.load().encode(stacked)
+        # 150 KB a row: not carried further
+        return batch.drop_columns(["pixels"]).append_column("image_emb", _vectors(embeddings, has_image, self.dim))
+
+
+# ------------------------------------------------------------------------------------------------ planning in Ray
+
+ENCODE, REJECT, TALLY = "encode", "reject", "tally"
+# What flows from the plan through the encoders to the writers: the rows to encode, the rows rejected whole and,
+# per batch, one tally row counting the rows that need nothing (unchanged, or rejected before and unchanged).
+WORK_SCHEMA = pa.schema([
+    ("source", pa.string()), ("row", pa.int64()), ("item_id", pa.string()), ("text", pa.string()),
+    ("categories", pa.list_(pa.string())), ("image_ref", pa.string()), ("image_bytes", pa.binary()),
+    ("content_hash", pa.string()), ("verdict", pa.string()), ("reason", pa.string()),
+    ("n_unchanged", pa.int64()), ("n_still_rejected", pa.int64()),
+])
+
+
+def prepare_rows(block: pa.Table, template: TextTemplate, text_version: str, image_version: str) -> pa.Table:
+    """Ray Data batch function: each usable row's text and content hash."""
+    texts, hashes = [], []
+    for row in block.select(["item_id", "title", "description", "categories", "image_ref", "image_bytes",
+                             "reject"]).to_pylist():
+        text = "" if row["reject"] else template.render(row)
+        texts.append(text)
+        hashes.append(None if row["reject"] else
+                      content_hash(text, row["image_ref"], row["image_bytes"], text_version, image_version))
+    return block.append_column("text", pa.array(texts, pa.string())).append_column(
+        "content_hash", pa.array(hashes, pa.string()))
+
+
+def _usable_keys(block: pa.Table) -> pa.Table:
+    return block.filter(pc.is_null(block.column("reject"))).select(["item_id", "rank"])
+
+
+def classify(block: pa.Table, source: CatalogSource) -> pa.Table:
+    """Ray Data batch function over catalog rows joined with their id's first rank and stored hashes: WORK_SCHEMA
+    rows (the ones to encode, the ones rejected whole) and one tally row for the rest."""
+    rows = block.select(["source", "row", "rank", "item_id", "reject", "content_hash", "first_rank", "stored_hash",
+                         "rejected_hash"]).to_pylist()
+    verdicts, reasons, unchanged, still_rejected = [], [], 0, 0
+    for r in rows:
+        verdict, reason = ENCODE, None
+        if r["reject"]:
+            verdict, reason = REJECT, r["reject"]
+        elif r["rank"] != r["first_rank"]:
+            verdict, reason = REJECT, f"item_id {r['item_id']!r} repeats {source.where(r['first_rank'])}"
+        elif r["stored_hash"] == r["content_hash"]:
+            verdict, unchanged = None, unchanged + 1
+        elif r["rejected_hash"] == r["content_hash"]:
+            verdict, still_rejected = None, still_rejected + 1
+        verdicts.append(verdict)
+        reasons.append(reason)
+    keep = pa.array([v is not None for v in verdicts])
+    work = block.filter(keep)
+    columns = {name: work.column(name) for name in WORK_SCHEMA.names[:8]}
+    columns["verdict"] = pa.array([v for v in verdicts if v is not None], pa.string())
+    columns["reason"] = pa.array([r for r, v in zip(reasons, verdicts) if v is not None], pa.string())
+    columns["n_unchanged"] = columns["n_still_rejected"] = pa.nulls(work.num_rows, pa.int64())
+    tally = {name: [None] for name in WORK_SCHEMA.names}
+    tally.update(verdict=[TALLY], n_unchanged=[unchanged], n_still_rejected=[still_rejected])
+    return pa.concat_tables([pa.Table.from_pydict(columns, schema=WORK_SCHEMA),
+                             pa.Table.from_pydict(tally, schema=WORK_SCHEMA)])
+
+
+def _keys(db, name: str, column: str, alias: str, where: tuple[str, str] | None = None):
+    """(item_id, `column` as `alias`) of table `name` (its rows whose where[0] column equals where[1]) as a Ray
+    dataset read by the workers; empty when the table is absent."""
+    import ray
+
+    schema = pa.schema([("item_id", pa.string()), (alias, pa.string())])
+    if store.open_table(db, name, required=False) is None:
+        return ray.data.from_arrow(schema.empty_table())
+    uri = store.table_uri(db, name)
+    ds = ray.data.read_lance(uri, columns=["item_id", column] + ([where[0]] if where else []),
+                             storage_options=objectstore.storage_options(uri) or None,
+                             ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+
+    # Filtered and renamed in a batch function: Ray 2.60's rename_columns after a column-pruned read_lance
+    # projects the table's full schema and fails on the columns it did not read.
+    def keys(block: pa.Table) -> pa.Table:
+        if where:
+            block = block.filter(pc.equal(block.column(where[0]), where[1]))
+        return block.select(["item_id", column]).rename_columns(schema.names)
+
+    return ds.map_batches(keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+
+
+# ------------------------------------------------------------------------------------------------- writing in Ray
+
+STAGED_SUFFIX = "_staged"  # `items_staged`, `items_staged_rejects`: a run's encoded rows before they are merged
+
+
+def stage_batch(batch: pa.Table, job: "StagingTarget") -> pa.Table:
+    """Ray Data batch function, the pipeline's last: the batch's item rows and reject records written as Lance
+    fragments of the staging tables (uncommitted), and one result row for the driver to commit and count."""
+    from lance.fragment import write_fragments
+
+    verdict = batch.column("verdict").to_pylist()
+    work = batch.filter(pa.array([v != TALLY for v in verdict]))
+    tallies = batch.filter(pa.array([v == TALLY for v in verdict]))
+    items, rejects, counts = job.item_rows(work)
+    counts.update(unchanged=int(pc.sum(tallies.column("n_unchanged")).as_py() or 0),
+                  still_rejected=int(pc.sum(tallies.column("n_still_rejected")).as_py() or 0))
+    fragments = {}
+    for key, rows, uri in (("items", items, job.staged_uri), ("rejects", rejects, job.staged_rejects_uri)):
+        written = write_fragments(rows, uri, schema=rows.schema, storage_options=job.storage_options or None) \
+            if rows.num_rows else []
+        fragments[key] = [json.dumps(f.to_json()) for f in written]
+    return pa.table({"items": [fragments["items"]], "rejects": [fragments["rejects"]],
+                     **{name: [value] for name, value in counts.items()}})
+
+
+@dataclass(frozen=True)
+class StagingTarget:
+    """What a writer task needs: where the staging tables are and how encoded batches become their rows."""
+
+    staged_uri: str
+    staged_rejects_uri: str
+    storage_options: dict
+    schema: pa.Schema
+    text_encoder: tuple[str, str, int]  # name, version, dim
+    image_encoder: tuple[str, str, int]
+    encoded_at: datetime
+
+    def item_rows(self, work: pa.Table) -> tuple[pa.Table, pa.Table, dict]:
+        """WORK_SCHEMA rows after the encoders -> (items rows, reject records, counts). Image failures keep their
+        item (encoded from its text) and get a record; items with neither text nor image are rejected whole
+        (stage "encode", with their hash: not retried while unchanged); rows rejected by the plan keep their
+        reason (stage "read")."""
+        n = work.num_rows
+        verdict = np.asarray(work.column("verdict").to_numpy(zero_copy_only=False))
+        encode = verdict == ENCODE
+        has_text = encode & np.asarray(work.column("text_emb").is_valid().to_numpy(zero_copy_only=False), bool)
+        has_image = encode & np.asarray(work.column("image_emb").is_valid().to_numpy(zero_copy_only=False), bool) \
+            if "image_emb" in work.column_names else np.zeros(n, bool)
+        errors = work.column("image_error").to_pylist() if "image_error" in work.column_names else [None] * n
+        transient = work.column("image_transient").to_pylist() if "image_transient" in work.column_names else [False] * n
+        keep = has_text | has_image
+        hashes = [RETRY_PREFIX + h if t else h for h, t in zip(work.column("content_hash").to_pylist(), transient)]
+        failures = [f"{e} ({'transient, retried on the next run' if t else 'permanent'})" if e else ""
+                    for e, t in zip(errors, transient)]
+        records = []
+        for i, (source, row, item_id, reason) in enumerate(zip(*(work.column(c).to_pylist()
+                                                                for c in ("source", "row", "item_id", "reason")))):
+            where = {"source": source, "row": row, "item_id": item_id}
+            if not encode[i]:
+                records.append({**where, "stage": "read", "reason": reason})
+            elif not keep[i]:
+                records.append({**where, "stage": "encode", "content_hash": hashes[i], "reason":
+                                f"no usable text or image ({failures[i] or 'the text template renders nothing'})"})
+            elif errors[i]:
+                records.append({**where, "stage": "image", "reason": f"{failures[i]}; encoded from its text only"})
+        kept = work.filter(pa.array(keep))
+        m = kept.num_rows
+        text_name, text_version, text_dim = self.text_encoder
+        image_name, image_version, image_dim = self.image_encoder
+        image_emb = kept.column("image_emb") if "image_emb" in kept.column_names else \
+            pa.nulls(m, pa.list_(pa.float32(), image_dim))
+        columns = {
+            **{name: kept.column(name) for name in ("item_id", "text", "categories", "image_ref")},
+            "content_hash": pa.array([h for h, k in zip(hashes, keep) if k], pa.string()),
+            "text_emb": kept.column("text_emb"), "image_emb": image_emb,
+            "text_encoder": pa.array([text_name] * m, pa.string()),
+            "text_encoder_version": pa.array([text_version] * m, pa.string()),
+            "image_encoder": pa.array([image_name] * m, pa.string()),
+            "image_encoder_version": pa.array([image_version] * m, pa.string()),
+            "encoded_at": pa.array([self.encoded_at] * m, pa.timestamp("us", tz="UTC")),
+        }
+        counts = {"encoded": m, "image_failures": sum(r["stage"] == "image" for r in records),
+                  "image_failures_transient": int(sum(bool(t) for t, e, k in zip(transient, errors, keep) if e and k)),
+                  "rejected": len(records) - sum(r["stage"] == "image" for r in records),
+                  "rows": int(encode.sum() + (~encode).sum())}
+        return pa.Table.from_pydict(columns, schema=self.schema), store.rejects_table(records), counts
+
+
+WRITE_BATCH_ROWS = 1024  # rows per writer call (at most): one fragment of each staging table
+
+
 class EncodeJob:
-    """One run of the encoding flow against one database table."""
+    """One run of the encoding flow against one database table.
+
+    The driver builds the Ray Data plan, commits what the writer tasks staged and merges it into the table; it
+    never holds catalog rows or embeddings. Workers read and parse the catalog, find what changed by joins on
+    item_id, encode, and write Lance fragments of `<table>_staged` (and `<table>_staged_rejects`), which the driver
+    commits every `commit_rows` rows or `commit_seconds`. At the end one streamed merge_insert moves the staged rows
+    into the table (an item's old row replaced in the same commit) and the staging tables are dropped. A run
+    killed at any point leaves the table at its previous version and the staged rows committed so far; the next
+    run merges those first, so their items are unchanged to its plan and are not encoded again.
+    """
 
     def __init__(self, db, table: str, settings: EncodeSettings):
         from encoders import image_config, text_config
@@ -219,6 +449,8 @@ class EncodeJob:
         self.image_config = image_config(settings.image_model)
         self.schema = items_schema(self.text_config.dim, self.image_config.dim)
         self.rejects_table = f"{table}_rejects" if table != store.ITEMS else store.ITEM_REJECTS
+        self.staged = f"{table}{STAGED_SUFFIX}"
+        self.staged_rejects = f"{table}{STAGED_SUFFIX}_rejects"
         self._check_existing_table()
 
     def _check_existing_table(self) -> None:
@@ -233,169 +465,195 @@ class EncodeJob:
                     f"write to another --table or drop this one"
                 )
 
-    def plan(self, catalog: Catalog) -> tuple[pa.Table, int, int]:
-        """Rows that need encoding (new or changed) with their text and content hash, the unchanged count, and how
-        many rows were rejected whole before and have not changed since (not retried; their record stays)."""
-        rows = catalog.rows.to_pylist()
-        texts = [self.settings.template.render(r) for r in rows]
-        hashes = [
-            content_hash(t, r["image_ref"], r["image_bytes"], self.text_config.version, self.image_config.version)
-            for t, r in zip(texts, rows)
-        ]
-        table = catalog.rows.append_column("text", pa.array(texts, pa.string())).append_column(
-            "content_hash", pa.array(hashes, pa.string())
-        )
-        encoded = _column_map(self.db, self.table_name, "item_id", "content_hash")
-        rejected = _column_map(self.db, self.rejects_table, "item_id", "content_hash", "stage = 'encode'")
-        ids = table.column("item_id").to_pylist()
-        unchanged = np.array([encoded.get(i) == h for i, h in zip(ids, hashes)], dtype=bool)
-        still_rejected = np.array([rejected.get(i) == h for i, h in zip(ids, hashes)], dtype=bool)
-        todo = table.filter(pa.array(~unchanged & ~still_rejected))
-        return todo, int(unchanged.sum()), int(still_rejected.sum())
+    def plan(self, source: CatalogSource):
+        """The rows of the catalog as WORK_SCHEMA: read, parsed, text and hash added, and joined on item_id with
+        the first rank of their id and the hashes stored in the table and its rejects."""
+        from ray.data.aggregate import Min
 
-    def dataset(self, todo: pa.Table, cluster_cpus: float, cluster_gpus: float, images: ImagePolicy):
-        """The Ray Data pipeline over the rows to encode: [image load tasks ->] text actors [-> image actors]."""
+        s = self.settings
+        rows = source.dataset().map_batches(
+            prepare_rows, fn_args=(s.template, self.text_config.version, self.image_config.version),
+            batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        partitions = max(2, int(ray_cluster_cpus()))
+        # Ray's own filter and select tasks ask for a whole CPU each: one batch function at DATA_TASK_CPUS instead
+        firsts = (rows.map_batches(_usable_keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+                  .groupby("item_id", num_partitions=partitions).aggregate(Min("rank", alias_name="first_rank")))
+        stored = _keys(self.db, self.table_name, "content_hash", "stored_hash")
+        rejected = _keys(self.db, self.rejects_table, "content_hash", "rejected_hash", ("stage", "encode"))
+        verdict_keys = (firsts.join(stored, "left_outer", num_partitions=partitions, on=("item_id",))
+                        .join(rejected, "left_outer", num_partitions=partitions, on=("item_id",)))
+        decided = rows.join(verdict_keys, "left_outer", num_partitions=partitions, on=("item_id",))
+        return decided.map_batches(classify, fn_args=(source,), batch_size=None, batch_format="pyarrow",
+                                   num_cpus=DATA_TASK_CPUS)
+
+    def pipeline(self, source: CatalogSource, target: StagingTarget, images: ImagePolicy):
+        """plan -> [image fetch tasks -> image actors ->] text actors -> writer tasks."""
         import ray
 
         s = self.settings
-        with_images = bool(
-            todo.column("image_ref").null_count < todo.num_rows or todo.column("image_bytes").null_count < todo.num_rows
-        )
+        with_images = source.fmt not in BUILTIN  # built-in catalogs carry no images
         stages = 2 if with_images else 1
-        plan = plan_resources(cluster_cpus, cluster_gpus, stages, s.actors, s.gpus_per_actor)
-        # Small blocks made at the source (a few batches each): results stream back to the writer as they are
-        # made, instead of one large block per actor finishing at the end.
-        step = 4 * s.batch_size
-        # Only what the workers need travels; the rest of each row stays on the driver.
-        todo = todo.select(["item_id", "text", "image_ref", "image_bytes"])
-        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
-        pool = dict(
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.cpus,
-            num_gpus=plan.gpus,
-            batch_size=s.batch_size,
-            batch_format="numpy",
-        )
+        resources = ray.cluster_resources()
+        plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0), stages, s.actors, s.gpus_per_actor)
+        pool = dict(compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus, num_gpus=plan.gpus,
+                    batch_size=s.batch_size, batch_format="pyarrow")
+        ds = self.plan(source)
         if with_images:
             from featurestore.images import ImageLoader
 
-            loader = ImageLoader(self.image_config, images)
-            ds = ds.map_batches(loader, batch_size=16, batch_format="numpy", num_cpus=DATA_TASK_CPUS)
-            ds = ds.map_batches(ImageEmbedder, fn_constructor_args=(s.image_model, plan.torch_threads), **pool)
-        ds = ds.map_batches(TextEmbedder, fn_constructor_args=(s.text_model, plan.torch_threads), **pool)
-        return ds, with_images, plan
+            ds = ds.map_batches(ImageLoader(self.image_config, images), batch_size=16, batch_format="pyarrow",
+                                num_cpus=DATA_TASK_CPUS)
+            ds = ds.map_batches(ImageEmbedder, fn_constructor_args=(
+                s.image_model, plan.torch_threads, self.image_config.dim, self.image_config.input_size), **pool)
+        ds = ds.map_batches(TextEmbedder, fn_constructor_args=(s.text_model, plan.torch_threads, self.text_config.dim),
+                            **pool)
+        return ds.map_batches(stage_batch, fn_args=(target,), batch_size=min(WRITE_BATCH_ROWS, s.commit_rows),
+                              batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
 
-    def item_rows(self, batch: dict, with_images: bool, encoded_at: datetime) -> tuple[pa.Table, list[dict]]:
-        """An encoded batch -> rows for the items table, and reject records: image failures (the item is kept,
-        encoded from its text) and items left with neither text nor image (rejected whole, stage "encode").
-
-        Only ids and embeddings come back from the workers; the rest of each row is taken from the driver's
-        typed Arrow copy, so no column goes through a numpy round trip.
-        """
-        meta = self.todo.take(pa.array([self.position[i] for i in batch["item_id"]]))
-        n = meta.num_rows
-        has_text = batch["has_text"]
-        has_image = batch["has_image"] if with_images else np.zeros(n, dtype=bool)
-        errors = batch["image_error"] if with_images else np.full(n, "", dtype=object)
-        transient = batch["image_transient"] if with_images else np.zeros(n, dtype=bool)
-        failures = [f"{e} ({'transient, retried on the next run' if t else 'permanent'})" if e else ""
-                    for e, t in zip(errors, transient)]
-        keep = has_text | has_image
-        rows, ids = meta.column("row").to_pylist(), meta.column("item_id").to_pylist()
-        hashes = [RETRY_PREFIX + h if t else h for h, t in zip(meta.column("content_hash").to_pylist(), transient)]
-        rejects = [
-            {"row": rows[i], "item_id": ids[i], "stage": "image", "transient": bool(transient[i]),
-             "reason": f"{failures[i]}; encoded from its text only"}
-            for i in np.flatnonzero((errors != "") & keep)
-        ] + [
-            {"row": rows[i], "item_id": ids[i], "stage": "encode", "content_hash": hashes[i],
-             "reason": f"no usable text or image ({failures[i] or 'the text template renders nothing'})"}
-            for i in np.flatnonzero(~keep)
-        ]
-        image_emb = batch["image_emb"] if with_images else np.zeros((n, self.image_config.dim), np.float32)
-        columns = {
-            **{name: meta.column(name) for name in ("item_id", "text", "categories", "image_ref")},
-            "content_hash": pa.array(hashes, pa.string()),
-            "text_emb": _vectors(batch["text_emb"], has_text, self.text_config.dim),
-            "image_emb": _vectors(image_emb, has_image, self.image_config.dim),
-            "text_encoder": pa.array([self.text_config.name] * n, pa.string()),
-            "text_encoder_version": pa.array([self.text_config.version] * n, pa.string()),
-            "image_encoder": pa.array([self.image_config.name] * n, pa.string()),
-            "image_encoder_version": pa.array([self.image_config.version] * n, pa.string()),
-            "encoded_at": pa.array([encoded_at] * n, pa.timestamp("us", tz="UTC")),
-        }
-        return pa.Table.from_pydict(columns, schema=self.schema).filter(pa.array(keep)), rejects
-
-    def run(self, catalog: Catalog) -> EncodeSummary:
-        import ray
-
-        summary = EncodeSummary(self.table_name, input=catalog.input_rows)
-        rejects = [dict(r) for r in catalog.rejects]
-        todo, summary.unchanged, still_rejected = self.plan(catalog)
-        self.todo = todo
-        self.position = {item_id: i for i, item_id in enumerate(todo.column("item_id").to_pylist())}
-        if todo.num_rows:
-            resources = ray.cluster_resources()
-            images = self.settings.images.with_root(catalog.base_dir)
-            ds, with_images, _ = self.dataset(todo, resources.get("CPU", 1), resources.get("GPU", 0), images)
-            encoded_at = datetime.now(timezone.utc)
-            start = time.perf_counter()
-            first_batch_at = None
-            pending: list[pa.Table] = []
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if first_batch_at is None:
-                    first_batch_at = time.perf_counter()
-                    first_batch_rows = len(batch["item_id"])
-                rows, image_rejects = self.item_rows(batch, with_images, encoded_at)
-                rejects += [{**r, "source": catalog.source} for r in image_rejects]
-                summary.encoded += rows.num_rows
-                pending.append(rows)
-                if sum(t.num_rows for t in pending) >= WRITE_CHUNK_ROWS:
-                    store.upsert(self.db, self.table_name, pa.concat_tables(pending), "item_id")
-                    pending = []
-            end = time.perf_counter()
-            if pending:
-                store.upsert(self.db, self.table_name, pa.concat_tables(pending), "item_id")
-            summary.encode_seconds = end - start
-            summary.first_batch_seconds = first_batch_at - start
-            steady_rows = summary.encoded - first_batch_rows
-            if end > first_batch_at and steady_rows > 0:
-                summary.steady_items_per_s = steady_rows / (end - first_batch_at)
-        summary.image_failures = sum(r["stage"] == "image" for r in rejects)
-        summary.image_failures_transient = sum(bool(r.get("transient")) for r in rejects)
-        summary.rejected_whole = len(rejects) - summary.image_failures + still_rejected
-        self._forget_encode_rejects(todo.column("item_id").to_pylist())
-        store.record_rejects(self.db, self.rejects_table, rejects)
-        table = store.open_table(self.db, self.table_name, required=False)
-        summary.indexed = [] if table is None else ensure_indexes(table, self.settings.index_min_rows)
+    def run(self, source: CatalogSource) -> EncodeSummary:
+        summary = EncodeSummary(self.table_name)
+        clock = Phases()
+        with clock("recover"):
+            self.merge_staged()  # what a killed run staged: merged before planning, so it is not encoded again
+        target = StagingTarget(
+            staged_uri=self._create_staging(self.staged, self.schema),
+            staged_rejects_uri=self._create_staging(self.staged_rejects, store.REJECTS_SCHEMA),
+            storage_options=objectstore.storage_options(str(self.db.uri)),
+            schema=self.schema,
+            text_encoder=(self.text_config.name, self.text_config.version, self.text_config.dim),
+            image_encoder=(self.image_config.name, self.image_config.version, self.image_config.dim),
+            encoded_at=datetime.now(timezone.utc))
+        images = self.settings.images.with_root(source.base, source.storage_options)
+        pending = {"items": [], "rejects": []}
+        pending_rows, last_commit = 0, time.perf_counter()
+        first_at = steady_from = None
+        with clock("stream"):
+            ds = self.pipeline(source, target, images)
+            for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                for row in result.to_pylist():
+                    for key in pending:
+                        pending[key] += row[key]
+                    summary.add(row)
+                    pending_rows += row["rows"]
+                    if steady_from is None and summary.encoded:
+                        steady_from = (time.perf_counter(), summary.encoded)
+                if (pending_rows >= self.settings.commit_rows
+                        or time.perf_counter() - last_commit >= self.settings.commit_seconds):
+                    with clock("commit"):
+                        self._commit_staged(target, pending)
+                    crash_point("staged")
+                    pending_rows, last_commit = 0, time.perf_counter()
+            with clock("commit"):
+                self._commit_staged(target, pending)
+        with clock("merge"):
+            self.merge_staged()
+        crash_point("before-index")
+        with clock("index"):
+            table = store.open_table(self.db, self.table_name, required=False)
+            summary.indexed = [] if table is None else ensure_indexes(table, self.settings.index_min_rows)
+        summary.phases = clock.seconds
+        summary.encode_seconds = clock.seconds["stream"]
+        if first_at is not None:
+            summary.first_batch_seconds = first_at - clock.started["stream"]
+        end = clock.started["stream"] + clock.seconds["stream"]
+        if steady_from is not None and summary.encoded > steady_from[1] and end > steady_from[0]:
+            summary.steady_items_per_s = (summary.encoded - steady_from[1]) / (end - steady_from[0])
         return summary
 
-    def _forget_encode_rejects(self, item_ids: list[str]) -> None:
-        """Drop the image and encode records of items this run encoded again: this run's records replace them,
-        and an item whose image now works keeps none."""
-        if store.open_table(self.db, self.rejects_table, required=False) is None:
+    def _create_staging(self, name: str, schema: pa.Schema) -> str:
+        if store.open_table(self.db, name, required=False) is None:
+            self.db.create_table(name, schema=schema)  # over a wedge too (store.committed)
+        return store.table_uri(self.db, name)
+
+    def _commit_staged(self, target: StagingTarget, pending: dict) -> None:
+        """Commit the fragments the writers have staged since the last commit: one Append per staging table."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        for key, uri in (("items", target.staged_uri), ("rejects", target.staged_rejects_uri)):
+            if pending[key]:
+                fragments = [FragmentMetadata.from_json(f) for f in pending[key]]
+                dataset = lance.dataset(uri, storage_options=target.storage_options or None)
+                lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=dataset.version,
+                                          storage_options=target.storage_options or None)
+                pending[key] = []
+
+    def merge_staged(self) -> None:
+        """Move the staged rows into the table and its rejects, then drop the staging tables. Every step can run
+        again after a kill: image and encode records of the staged items are deleted (this run's replace them),
+        the items and records upserted by key, and only then the staging dropped."""
+        staged = store.open_table(self.db, self.staged, required=False)
+        staged_rejects = store.open_table(self.db, self.staged_rejects, required=False)
+        if staged is None and staged_rejects is None:
             return
-        where = "stage IN ('image', 'encode')"
-        earlier = set(store.read_columns(self.db, self.rejects_table, ["item_id"], where).column("item_id").to_pylist())
-        stale = sorted(earlier.intersection(item_ids))
-        if not stale:
-            return
-        table = store.open_table(self.db, self.rejects_table)
-        for start in range(0, len(stale), 1000):  # bounded SQL statements
-            listed = ", ".join(store.sql_string(i) for i in stale[start:start + 1000])
-            table.delete(f"{where} AND item_id IN ({listed})")
+        rejects = store.open_table(self.db, self.rejects_table, required=False)
+        if rejects is not None and staged is not None and staged_rejects is not None:
+            store.delete_matching(rejects, _replaced_records(staged, staged_rejects), ["item_id", "stage"])
+        if staged is not None and staged.count_rows():
+            store.upsert(self.db, self.table_name, staged.to_lance().scanner().to_reader(), "item_id")
+        crash_point("mid-merge")
+        if staged_rejects is not None and staged_rejects.count_rows():
+            store.upsert(self.db, self.rejects_table, staged_rejects.to_lance().scanner().to_reader(), "reject_key")
+        for name in (self.staged, self.staged_rejects):
+            self.db.drop_table(name, ignore_missing=True)
 
 
-def _column_map(db, table_name: str, key: str, value: str, where: str | None = None) -> dict:
-    if store.open_table(db, table_name, required=False) is None:
-        return {}
-    data = store.read_columns(db, table_name, [key, value], where)
-    return dict(zip(data.column(key).to_pylist(), data.column(value).to_pylist()))
+def _replaced_records(staged, staged_rejects) -> pa.RecordBatchReader:
+    """(item_id, stage) for stages image and encode of every item the staged run encoded or rejected at encoding:
+    the records its own replace. Streamed batch by batch from the staging tables."""
+    schema = pa.schema([("item_id", pa.string()), ("stage", pa.string())])
+
+    def batches():
+        sources = (staged.to_lance().to_batches(columns=["item_id"]),
+                   staged_rejects.to_lance().to_batches(columns=["item_id"], filter="stage = 'encode'"))
+        for source in sources:
+            for batch in source:
+                ids = batch.column(0)
+                for stage in ("image", "encode"):
+                    yield pa.record_batch([ids, pa.array([stage] * len(ids), pa.string())], schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+CRASH_ENV = "MMREC_ENCODE_CRASH_AT"  # tests only: the named point at which the driver kills itself
+
+
+def crash_point(name: str) -> None:
+    """Tests only: `os._exit` here when CRASH_ENV names this point: "staged" (after a bounded commit of staged
+    rows), "mid-merge" (the items merged, the rejects and the staging not yet), "before-index"."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(17)
+
+
+class Phases:
+    """Wall time per named phase of a run (a phase entered several times adds up)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.started.setdefault(name, start)
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def ray_cluster_cpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1)
 
 
 def ensure_indexes(table, min_rows: int = store.INDEX_MIN_ROWS) -> list[str]:
-    """The items table's ANN indices: both embedding columns, compared by cosine as the queries do."""
-    return store.ensure_indexes(table, ("text_emb", "image_emb"), "cosine", min_rows)
+    """The items table's ANN indices: both embedding columns, compared by cosine as the queries do; a BTree on
+    item_id for lookups by id and the merges."""
+    return store.ensure_indexes(table, ("text_emb", "image_emb"), "cosine", min_rows, scalar_columns=("item_id",))
 
 
 def check_models(text_model: str, image_model: str, allow_download: bool) -> None:
@@ -430,20 +688,20 @@ def encode_catalog(
     limit: int | None = None,
     images: ImagePolicy | None = None,
     allow_model_download: bool = False,
+    commit_rows: int = EncodeSettings.commit_rows,
+    commit_seconds: float = EncodeSettings.commit_seconds,
 ) -> EncodeSummary:
     """Read, encode and upsert a catalog; bad arguments fail before Ray starts, bad rows never fail the run.
     Models must be on this machine unless `allow_model_download` (`check_models`)."""
     from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-    from featurestore.catalogs import read_catalog
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be a positive number of rows, got {limit}")
+    for flag, value in (("--batch-size", batch_size), ("--commit-rows", commit_rows), ("--commit-seconds", commit_seconds)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
     db_uri = store.check_uri(db_uri)
     text_model, image_model = text_model or DEFAULT_TEXT_MODEL, image_model or DEFAULT_IMAGE_MODEL
     check_models(text_model, image_model, allow_model_download)
-    parsed = read_catalog(catalog, fmt, limit)
+    source = open_catalog(catalog, fmt, limit)
     settings = EncodeSettings(
         text_model=text_model,
         image_model=image_model,
@@ -452,7 +710,9 @@ def encode_catalog(
         actors=actors,
         gpus_per_actor=gpus_per_actor,
         images=images or ImagePolicy(),
+        commit_rows=commit_rows,
+        commit_seconds=commit_seconds,
     )
     ensure_ray()
     job = EncodeJob(store.connect(db_uri), table, settings)
-    return job.run(parsed)
+    return job.run(source)

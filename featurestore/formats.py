@@ -39,15 +39,27 @@ def jsonl_records(path: Path):
             yield record if isinstance(record, dict) else ValueError(f"line {number} is not a JSON object")
 
 
-def _is_amazon2023(path: Path) -> bool:
-    first = next(iter(jsonl_records(path)), None)
+def _is_amazon2023(first_line: bytes) -> bool:
+    try:
+        first = json.loads(first_line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
     return isinstance(first, dict) and "parent_asin" in first and "item_id" not in first
 
 
-def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] = ValueError) -> str:
+def _local_first_line(source: str) -> bytes:
+    if not Path(source).is_file():
+        return b""
+    with pa.input_stream(source, compression="detect") as f:
+        return io.BufferedReader(f).readline()
+
+
+def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] = ValueError,
+                  first_line=None) -> str:
     """The format named, or the one the source's name (and, for JSONL, its first record) shows.
 
-    `error_type` is the reader's own error, so a bad format fails like any other bad source of that reader.
+    `error_type` is the reader's own error, so a bad format fails like any other bad source of that reader;
+    `first_line()` gives the source's first line where it is not a local file (an object-store URI).
     """
     if fmt not in FORMATS:
         raise error_type(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -60,6 +72,6 @@ def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] =
         raise error_type(f"cannot tell the format of {source!r} from its name ({', '.join(BY_SUFFIX)}, optionally "
                          f"{'/'.join(COMPRESSION_SUFFIXES)}); pass --format ({', '.join(FORMATS[1:])})")
     fmt = BY_SUFFIX[suffixes[-1]]
-    if fmt == "jsonl" and Path(source).is_file() and _is_amazon2023(Path(source)):
+    if fmt == "jsonl" and _is_amazon2023((first_line or (lambda: _local_first_line(source)))()):
         return "amazon2023"
     return fmt

@@ -1,4 +1,4 @@
-"""Fetching and decoding item images in CPU tasks: local paths, file:// and http(s):// URLs, or inline bytes.
+"""Fetching and decoding item images in CPU tasks: local paths, file://, s3:// and http(s):// URLs, or inline bytes.
 
 A catalog is untrusted input, so every reference is confined (`ImagePolicy`): local paths and file:// URLs must
 resolve, after symlinks, inside the allowed roots; URLs are http(s) only, and every host they reach, redirect hops
@@ -15,6 +15,7 @@ import io
 import ipaddress
 import math
 import os
+import posixpath
 import socket
 import ssl
 import threading
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageFile
 
 # A truncated file must fail loudly, not decode as a half-grey picture.
@@ -65,6 +67,8 @@ class ImagePolicy:
     max_redirects: int = 5
     fetch_threads: int = 16  # per loader batch
     per_host: int = 4  # concurrent fetches from one host within a loader batch
+    # settings of the object store an s3:// root is on, from the driver's environment (objectstore.storage_options)
+    storage_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         for flag, value in (("--max-image-bytes", self.max_bytes), ("--max-image-pixels", self.max_pixels)):
@@ -75,17 +79,26 @@ class ImagePolicy:
             raise ValueError(f"--image-deadline-s must be a positive number of seconds, got {deadline!r}")
         roots = []
         for root in self.roots:
+            if "://" in str(root):  # an object-store prefix (an s3:// catalog's): matched as written
+                roots.append(str(root).rstrip("/"))
+                continue
             if not os.path.isdir(root):
                 raise ValueError(f"--image-root {str(root)!r} is not a directory")
             roots.append(os.path.realpath(root))
         object.__setattr__(self, "roots", tuple(roots))
 
-    def with_root(self, root) -> ImagePolicy:
-        """This policy with one more root (the catalog's folder); the same policy for None."""
-        return self if root is None else dataclasses.replace(self, roots=(*self.roots, str(root)))
+    def with_root(self, root, storage_options: tuple[tuple[str, str], ...] = ()) -> ImagePolicy:
+        """This policy with one more root (the catalog's folder or object-store prefix, with that store's
+        settings); the same policy for None."""
+        if root is None:
+            return self
+        return dataclasses.replace(self, roots=(*self.roots, str(root)),
+                                   storage_options=storage_options or self.storage_options)
 
     def inside_roots(self, realpath: str) -> bool:
-        return any(realpath == root or realpath.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
+        """Whether a resolved local path, or a normalised object-store URI, lies inside one of the roots."""
+        sep = "/" if "://" in realpath else os.sep
+        return any(realpath == root or realpath.startswith(root.rstrip(sep) + sep) for root in self.roots)
 
     def address_refusal(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """The rule that refuses connecting to `address`, or None. IPv4 inside IPv6 (mapped, 6to4, NAT64) counts
@@ -112,9 +125,11 @@ def fetch_bytes(ref: str, policy: ImagePolicy) -> bytes:
         if parts.netloc not in ("", "localhost"):
             raise ImageFetchError(f"refused by the scheme rule: a file:// URL naming host {parts.netloc!r}")
         return _read_local(unquote(parts.path), policy)
+    if scheme == "s3":
+        return _read_object(ref, policy)
     if scheme:
         raise ImageFetchError(f"refused by the scheme rule: {scheme}:// is not fetched "
-                              f"(http, https, file and paths are)")
+                              f"(http, https, s3, file and paths are)")
     return _read_local(ref, policy)
 
 
@@ -137,6 +152,28 @@ def _read_local(path: str, policy: ImagePolicy) -> bytes:
     except OSError as e:
         raise ImageFetchError(f"cannot read {path}: {e.strerror or e}") from e
     if len(data) > policy.max_bytes:  # it grew since the stat
+        raise _over_byte_cap(policy)
+    return data
+
+
+def _read_object(uri: str, policy: ImagePolicy) -> bytes:
+    """An s3:// image inside an object-store root (an s3:// catalog's prefix), with the store's credentials from
+    the environment (featurestore.objectstore); a missing object is permanent, any other failure transient."""
+    from featurestore import objectstore
+
+    scheme, path = uri.split("://", 1)
+    normalised = f"{scheme}://{posixpath.normpath(path)}"
+    if not policy.inside_roots(normalised):
+        raise ImageFetchError(OUTSIDE_ROOTS)
+    fs, fs_path = objectstore.filesystem(normalised, dict(policy.storage_options) or None)
+    try:
+        with fs.open_input_stream(fs_path) as stream:
+            data = stream.read(policy.max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageFetchError(f"no object at {normalised}") from None
+    except OSError as e:
+        raise ImageFetchError(f"cannot read {normalised}: {e}", transient=True) from None
+    if len(data) > policy.max_bytes:
         raise _over_byte_cap(policy)
     return data
 
@@ -338,8 +375,8 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 
 
 class ImageLoader:
-    """Ray Data batch function: adds `pixels` (n, S, S, 3) uint8, `has_image`, `image_error` and `image_transient`
-    columns.
+    """Ray Data batch function: adds `pixels` (each row's (S, S, 3) uint8 image as bytes, null without one),
+    `image_error` and `image_transient` columns.
 
     Runs as CPU tasks, so decoding and resizing happen on the workers, never on the driver. A batch's images
     are fetched in threads, at most `policy.per_host` at a time from one host, so a slow URL costs its own
@@ -372,28 +409,26 @@ class ImageLoader:
         except Exception as e:  # noqa: BLE001 - odd modes or sizes PIL cannot convert
             raise ImageFetchError(f"cannot convert image: {e}") from e
 
-    def __call__(self, batch: dict) -> dict:
-        size = self.image_config.input_size
-        n = len(batch["item_id"])
-        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-        has_image = np.zeros(n, dtype=bool)
-        transient = np.zeros(n, dtype=bool)
-        errors = np.full(n, "", dtype=object)
-        wanted = [i for i, (ref, data) in enumerate(zip(batch["image_ref"], batch["image_bytes"]))
-                  if ref is not None or data is not None]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Rows to encode (all rows, or those whose `verdict` is "encode") get their image fetched and decoded."""
+        n = batch.num_rows
+        pixels: list[bytes | None] = [None] * n
+        transient = [False] * n
+        errors = [""] * n
+        refs, data = batch.column("image_ref").to_pylist(), batch.column("image_bytes").to_pylist()
+        encode = batch.column("verdict").to_pylist() if "verdict" in batch.column_names else ["encode"] * n
+        wanted = [i for i in range(n) if encode[i] == "encode" and (refs[i] is not None or data[i] is not None)]
         if wanted:
             host_slots, lock = {}, threading.Lock()
             with ThreadPoolExecutor(max_workers=min(self.policy.fetch_threads, len(wanted))) as pool:
-                futures = {pool.submit(self.fetch, batch["image_ref"][i], batch["image_bytes"][i], host_slots, lock): i
-                           for i in wanted}
+                futures = {pool.submit(self.fetch, refs[i], data[i], host_slots, lock): i for i in wanted}
                 for future in as_completed(futures):
                     i = futures[future]
                     try:
-                        pixels[i] = self.pixels(future.result())
-                        has_image[i] = True
+                        pixels[i] = self.pixels(future.result()).tobytes()  # (S, S, 3) uint8
                     except ImageFetchError as e:
                         errors[i], transient[i] = str(e), e.transient
-        for column in ("image_ref", "image_bytes"):  # consumed here; the driver keeps its own copy
-            del batch[column]
-        batch.update(pixels=pixels, has_image=has_image, image_error=errors, image_transient=transient)
-        return batch
+        return (batch.drop_columns(["image_bytes"])  # consumed here: inline images can be large
+                .append_column("pixels", pa.array(pixels, pa.binary()))
+                .append_column("image_error", pa.array(errors, pa.string()))
+                .append_column("image_transient", pa.array(transient, pa.bool_())))

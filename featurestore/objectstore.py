@@ -36,9 +36,10 @@ def storage_options(uri: str) -> dict[str, str]:
     return {option: os.environ[name] for name, option in ENV_TO_OPTION.items() if os.environ.get(name)}
 
 
-def filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """(pyarrow file system, path on it) for a local path or URI; an s3:// one gets `storage_options(uri)`."""
-    options = storage_options(uri)
+def filesystem(uri: str, options: dict[str, str] | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(pyarrow file system, path on it) for a local path or URI; an s3:// one gets `options`, by default
+    `storage_options(uri)` (a Ray worker is given the driver's: its own environment may not have them)."""
+    options = storage_options(uri) if options is None else options
     if not options:  # local, another scheme, or S3 through a profile or instance role: pyarrow's own lookup
         return pyarrow.fs.FileSystem.from_uri(uri)
     endpoint = options.get("aws_endpoint")

@@ -76,16 +76,21 @@ def free_port() -> int:
 
 DATA_TASK_CPUS = 0.25  # every Ray Data read/transform task asks for this much
 DATA_CPU_RESERVE = 2 * DATA_TASK_CPUS  # what a plan leaves free: a read and a transform at once
+# Ray Data's hash shuffle (joins, groupby) maps each block in a task that asks for one whole CPU
+# (HashShuffleOperator._DEFAULT_SHUFFLE_BLOCK_NUM_CPUS in Ray 2.60, not configurable): actors running beside a
+# join must leave that much free, or the join never starts (2 encoder actors at 0.75 CPU on 2 cores hung).
+SHUFFLE_CPU_RESERVE = 1.0
 
 
 class ResourcePlanError(ValueError):
     """The requested actors or workers cannot run on this cluster (or would starve the data pipeline)."""
 
 
-def cpus_beside_ray_data(cluster_cpus: float, holders: int, job: str) -> float:
-    """The CPUs each of `holders` long-lived actors or workers may ask for so that DATA_CPU_RESERVE stays free."""
-    spare = cluster_cpus - DATA_CPU_RESERVE
+def cpus_beside_ray_data(cluster_cpus: float, holders: int, job: str, reserve: float = DATA_CPU_RESERVE) -> float:
+    """The CPUs each of `holders` long-lived actors or workers may ask for so that `reserve` stays free for Ray
+    Data (DATA_CPU_RESERVE, or SHUFFLE_CPU_RESERVE beside a join)."""
+    spare = cluster_cpus - reserve
     if spare <= 0:
         raise ResourcePlanError(f"the cluster has {cluster_cpus:g} CPUs; {job} needs more than the "
-                                f"{DATA_CPU_RESERVE:g} it keeps for Ray Data")
+                                f"{reserve:g} it keeps for Ray Data")
     return spare / holders

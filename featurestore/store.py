@@ -155,8 +155,14 @@ def sql_string(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def upsert(db, name: str, data: pa.Table, key: str | list[str], replaces: str | None = None):
+def table_uri(db, name: str) -> str:
+    """Where table `name`'s Lance dataset lives: what Ray Data readers and Lance fragment writers are given."""
+    return f"{str(db.uri).rstrip('/')}/{name}.lance"
+
+
+def upsert(db, name: str, data: pa.Table | pa.RecordBatchReader, key: str | list[str], replaces: str | None = None):
     """Insert `data` into table `name`, replacing rows whose `key` matches; creates the table on first write.
+    `data` may be a stream (a RecordBatchReader, such as another table's scan): Lance consumes it batch by batch.
     `replaces`: a filter of the rows `data` stands for as a whole; those it does not hold are deleted in the
     same commit.
 
@@ -165,12 +171,17 @@ def upsert(db, name: str, data: pa.Table, key: str | list[str], replaces: str | 
     table = open_table(db, name, required=False)
     if table is None:
         return db.create_table(name, data=data, schema=data.schema, on_bad_vectors="null")
-    if data.num_rows or replaces:
+    if isinstance(data, pa.RecordBatchReader) or data.num_rows or replaces:
         merge = table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all()
         if replaces:
             merge = merge.when_not_matched_by_source_delete(replaces)
         merge.execute(data, on_bad_vectors="null")
     return table
+
+
+def delete_matching(table, keys: pa.RecordBatchReader, on: list[str]) -> None:
+    """Delete the rows of `table` whose `on` columns equal a row of `keys` (a stream), in one commit."""
+    table.to_lance().merge_insert(on).when_matched_delete().execute(keys)
 
 
 def reject_key(*parts) -> str:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, a
 from encoders import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 from featurestore import store  # noqa: E402
 from featurestore.formats import FORMATS  # noqa: E402
-from featurestore.encode import DEFAULT_TEMPLATE  # noqa: E402
+from featurestore.encode import DEFAULT_TEMPLATE, EncodeSettings  # noqa: E402
 from featurestore.images import ImagePolicy  # noqa: E402
 from training.cli import run_job  # noqa: E402
 
@@ -34,6 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--actors", type=int, default=None, help="actors per encoder stage (default: one per GPU, or one)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: use GPUs when the cluster has them")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N catalog rows")
+    p.add_argument("--commit-rows", type=int, default=EncodeSettings.commit_rows,
+                   help="commit the rows the workers staged at least this often (default: %(default)s)...")
+    p.add_argument("--commit-seconds", type=float, default=EncodeSettings.commit_seconds,
+                   help="...or at least every this many seconds (default: %(default)s): a killed run keeps them")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="also write the run's summary (counts, phase timings) to this JSON file")
     images = p.add_argument_group("image references (README: Image references are confined)")
     images.add_argument("--image-root", action="append", default=[], metavar="DIR",
                         help="a folder local image paths may resolve into, besides the catalog's (repeatable)")
@@ -50,23 +57,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from featurestore.encode import encode_catalog
 
-    return run_job(lambda: encode_catalog(
-        catalog=args.catalog,
-        fmt=args.format,
-        db_uri=args.db,
-        table=args.table,
-        text_model=args.text_model,
-        image_model=args.image_model,
-        template=args.text_template,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        limit=args.limit,
-        allow_model_download=args.allow_model_download,
-        images=ImagePolicy(roots=tuple(args.image_root), allow_private_hosts=args.allow_private_hosts,
-                           max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
-                           deadline_s=args.image_deadline_s),
-    ))
+    def job():
+        summary = encode_catalog(
+            catalog=args.catalog,
+            fmt=args.format,
+            db_uri=args.db,
+            table=args.table,
+            text_model=args.text_model,
+            image_model=args.image_model,
+            template=args.text_template,
+            batch_size=args.batch_size,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            limit=args.limit,
+            allow_model_download=args.allow_model_download,
+            commit_rows=args.commit_rows,
+            commit_seconds=args.commit_seconds,
+            images=ImagePolicy(roots=tuple(args.image_root), allow_private_hosts=args.allow_private_hosts,
+                               max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                               deadline_s=args.image_deadline_s),
+        )
+        if args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        return summary
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

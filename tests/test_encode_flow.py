@@ -64,8 +64,9 @@ def test_counts_add_up_and_bad_images_do_not_lose_items(encoded):
     assert by_item["corrupt"][0] == by_item["truncated"][0] == by_item["missing"][0] == "image"
     assert "truncated" in by_item["truncated"][1] and "No such file" in by_item["missing"][1]
     assert by_item["nothing-usable"][0] == "encode"
-    assert by_item["photo-coffee"] == ("read", "item_id 'photo-coffee' repeats row 2")
-    assert by_item[f"row {encoded['rows'] - 2}"] == ("read", "missing item_id")
+    # the first row of an id wins; the repeat names it by file and line (rows are 1-based lines here)
+    assert by_item["photo-coffee"] == ("read", f"item_id 'photo-coffee' repeats line 3 of {encoded['catalog']}")
+    assert by_item[f"row {encoded['rows'] - 1}"] == ("read", "missing item_id")
     assert len(rejects) == 6
 
 
@@ -180,7 +181,7 @@ def test_bad_arguments_fail_at_once(ray_local, sample_catalog, tmp_path):
 
 def test_resource_plan_never_starves_the_feeding_tasks():
     plan = plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=None, gpus_per_actor=None)
-    assert plan.actors == 1 and plan.gpus == 0 and 2 * plan.cpus <= 2 - 0.5
+    assert plan.actors == 1 and plan.gpus == 0 and 2 * plan.cpus <= 2 - 1.0  # a join's shuffle task needs 1 CPU
     assert plan.torch_threads == 2  # each stage's actor may use both cores when the other stage waits
     gpu = plan_resources(cluster_cpus=16, cluster_gpus=4, stages=2, actors=None, gpus_per_actor=None)
     assert gpu.gpus == 1.0 and gpu.actors == 2
@@ -188,5 +189,5 @@ def test_resource_plan_never_starves_the_feeding_tasks():
         plan_resources(cluster_cpus=16, cluster_gpus=1, stages=2, actors=2, gpus_per_actor=1)
     with pytest.raises(ResourcePlanError, match="fewer --actors"):
         plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=8, gpus_per_actor=0)
-    with pytest.raises(ResourcePlanError, match="more than the 0.5 it keeps for Ray Data"):  # training's rule too
-        plan_resources(cluster_cpus=0.5, cluster_gpus=0, stages=1, actors=None, gpus_per_actor=None)
+    with pytest.raises(ResourcePlanError, match="more than the 1 it keeps for Ray Data"):
+        plan_resources(cluster_cpus=1, cluster_gpus=0, stages=1, actors=None, gpus_per_actor=None)

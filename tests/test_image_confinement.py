@@ -11,13 +11,13 @@ import threading
 import time
 import zlib
 
-import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from encoders.image import ImageConfig
 from featurestore import store
-from featurestore.catalogs import read_catalog
+from featurestore.catalogs import open_catalog
 from featurestore.images import OUTSIDE_ROOTS, ImageFetchError, ImageLoader, ImagePolicy, decode, fetch_bytes
 from flow_runs import encode_flow_runs  # tests/ helper
 
@@ -43,11 +43,12 @@ def png_header(width: int, height: int) -> bytes:
 
 def load(refs, policy: ImagePolicy) -> list[tuple[bool, str, bool]]:
     """ImageLoader over one batch of references -> (has_image, image_error, image_transient) per reference."""
-    batch = {"item_id": np.array([str(i) for i in range(len(refs))], dtype=object),
-             "image_ref": np.array(refs, dtype=object), "image_bytes": np.array([None] * len(refs), dtype=object)}
+    batch = pa.table({"item_id": [str(i) for i in range(len(refs))], "image_ref": pa.array(refs, pa.string()),
+                      "image_bytes": pa.nulls(len(refs), pa.binary())})
     out = ImageLoader(CONFIG, policy)(batch)
-    columns = zip(out["has_image"], out["image_error"], out["image_transient"])
-    return [(bool(ok), err, bool(transient)) for ok, err, transient in columns]
+    columns = zip(out.column("pixels").is_valid().to_pylist(), out.column("image_error").to_pylist(),
+                  out.column("image_transient").to_pylist())
+    return [(ok, err, transient) for ok, err, transient in columns]
 
 
 class Server:
@@ -161,13 +162,14 @@ def test_local_paths_are_confined_to_the_roots_and_refusals_reveal_nothing(tree)
     }
     catalog = tree / "catalog" / "items.jsonl"
     catalog.write_text("".join(json.dumps({"item_id": k, "title": k, "image": v}) + "\n" for k, v in refs.items()))
-    parsed = read_catalog(str(catalog))
-    resolved = dict(zip(parsed.rows.column("item_id").to_pylist(), parsed.rows.column("image_ref").to_pylist()))
+    source = open_catalog(str(catalog))
+    rows = source.read_local()
+    resolved = dict(zip(rows.column("item_id").to_pylist(), rows.column("image_ref").to_pylist()))
     # stored as written, not looked up: no symlink target, no hint whether the file exists
     assert resolved["symlink_out"] == str(tree / "catalog" / "images" / "out.png")
     assert resolved["dotdot"] == str(tree / "private.png")
 
-    policy = ImagePolicy().with_root(parsed.base_dir)
+    policy = ImagePolicy().with_root(source.base)
     results = dict(zip(resolved, load(list(resolved.values()), policy)))
     for key in ("dotdot", "dotdot_missing", "absolute", "file_url", "file_url_missing", "symlink_out", "symlinked_dir"):
         assert results[key] == (False, OUTSIDE_ROOTS, False)  # one reason whether the file exists or not
@@ -315,9 +317,9 @@ def test_byte_cap_stops_reading(server, tree):
     (tree / "big.png").write_bytes(b"\0" * 5000)
     with pytest.raises(ImageFetchError, match="refused by the byte cap"):
         fetch_bytes(str(tree / "big.png"), policy)
-    inline = ImageLoader(CONFIG, policy)({"item_id": np.array(["x"], dtype=object), "image_ref": np.array([None]),
-                                          "image_bytes": np.array([b"\0" * 5000], dtype=object)})
-    assert inline["image_error"][0].startswith("refused by the byte cap")
+    inline = ImageLoader(CONFIG, policy)(pa.table({"item_id": ["x"], "image_ref": pa.array([None], pa.string()),
+                                                   "image_bytes": pa.array([b"\0" * 5000], pa.binary())}))
+    assert inline.column("image_error")[0].as_py().startswith("refused by the byte cap")
 
 
 def test_pixel_cap_is_checked_from_the_header(server):

@@ -166,7 +166,7 @@ def write_source(path: Path, kind: str, rows: list[dict]) -> Path:
 def test_catalogs_and_interactions_read_the_same_file_names(tmp_path, suffix, kind):
     items = write_source(tmp_path / f"items{suffix}", kind, [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"}])
     catalog = read_catalog(str(items))
-    assert catalog.rows.column("item_id").to_pylist() == ["a", "b"] and not catalog.rejects
+    assert catalog.column("item_id").to_pylist() == ["a", "b"] and catalog.column("reject").null_count == 2
     events = write_source(tmp_path / f"events{suffix}", kind, [{"user_id": "u", "item_id": "a", "timestamp": 1},
                                                                {"user_id": "u", "item_id": "b", "timestamp": 2}])
     summary = import_interactions(new_db(tmp_path / "db", ["a", "b"]), str(events))
@@ -177,7 +177,7 @@ def test_catalogs_and_interactions_both_detect_amazon2023_jsonl(tmp_path):
     meta = write_source(tmp_path / "meta.jsonl.gz", "jsonl", [
         {"parent_asin": "B01", "title": "Lamp", "features": ["brass"], "description": ["tall"], "images": []}])
     catalog = read_catalog(str(meta))
-    assert catalog.rows.select(["item_id", "description"]).to_pylist() == [{"item_id": "B01", "description": "brass tall"}]
+    assert catalog.select(["item_id", "description"]).to_pylist() == [{"item_id": "B01", "description": "brass tall"}]
     reviews = write_source(tmp_path / "reviews.jsonl.gz", "jsonl", [
         {"user_id": "U1", "asin": "X", "parent_asin": "B01", "timestamp": 1588687728923}])
     db = new_db(tmp_path / "db", ["B01"])
