@@ -1,6 +1,7 @@
 """Ray Tune sweeps (flows/tune.py, tuning.sweep, tuning.records): trial sizing, argument checks before Ray
-starts, and a real sweep on MovieLens-100k in its own Ray instance, where ASHA stops a hopeless trial and the
-trials after it still start."""
+starts, the splits a sweep computes once and its runs take, and real sweeps on MovieLens-100k in their own Ray
+instances: one where ASHA stops a hopeless trial and the trials after it still start, and one that is killed,
+resumed and retried (shared by the resume and errored-trial tests: a sweep's start-up is what they cost)."""
 import json
 import os
 import subprocess
