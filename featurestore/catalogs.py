@@ -85,7 +85,11 @@ class CatalogSource:
 
         if self.fmt in BUILTIN:  # a few thousand rows from a wheel: read here, as one small block
             return ray.data.from_arrow(self.read_local())
-        ds = ray.data.read_datasource(CatalogDatasource(self), ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+        # One read task per file and no splitting of its blocks: Ray would otherwise cut the output into 200
+        # blocks for parallelism (2 rows each for a 400-line file), and every later stage pays per block. Blocks
+        # of BLOCK_ROWS already give a large file its parallelism.
+        ds = ray.data.read_datasource(CatalogDatasource(self), ray_remote_args={"num_cpus": DATA_TASK_CPUS},
+                                      override_num_blocks=1 if self.limit else len(self.files))
         # One batch per block: Parquet files may differ in their columns, so blocks are never concatenated.
         return ds.map_batches(parse_block, fn_args=(self,), batch_size=None, batch_format="pyarrow",
                               num_cpus=DATA_TASK_CPUS)

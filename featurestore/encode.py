@@ -117,12 +117,17 @@ class EncodeSummary:
     first_batch_seconds: float = 0.0  # start-up: scheduling, the plan's joins, actor creation, model loading
     indexed: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: recover, stream, commit, merge, index
+    actor_nodes: dict[str, list[str]] = field(default_factory=dict)  # encoder stage -> Ray node ids it ran on
 
     def add(self, written: dict) -> None:
         """Count one writer result (`stage_batch`)."""
         self.encoded += written["encoded"]
         self.image_failures += written["image_failures"]
         self.image_failures_transient += written["image_failures_transient"]
+        for tag in written["nodes"]:
+            stage, node = tag.split(":", 1)
+            if node not in self.actor_nodes.setdefault(stage, []):
+                self.actor_nodes[stage] = sorted([*self.actor_nodes[stage], node])
         self.unchanged += written["unchanged"]
         self.rejected_whole += written["rejected"] + written["still_rejected"]
         self.input += written["rows"] + written["unchanged"] + written["still_rejected"]
@@ -149,6 +154,9 @@ class EncodeSummary:
             out.append("nothing to encode: every item is unchanged since the last run")
         if self.indexed:
             out.append(f"ANN index built/updated on: {', '.join(self.indexed)}")
+        if self.actor_nodes:
+            out.append("encoder actors ran on: " + ", ".join(
+                f"{stage} {len(nodes)} node(s)" for stage, nodes in sorted(self.actor_nodes.items())))
         out.append("phases (wall s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases.items()))
         return out
 
@@ -196,7 +204,15 @@ class _Embedder:
     modality: str
 
     def __init__(self, model_name: str, torch_threads: int):
+        import ray
+
         self.model_name, self.torch_threads, self.encoder = model_name, torch_threads, None
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def tagged(self, batch: pa.Table) -> pa.Table:
+        """The batch with the node this actor runs on (`<modality>_node`): the run's summary says where each
+        encoder stage ran."""
+        return batch.append_column(f"{self.modality}_node", pa.array([self.node_id] * batch.num_rows, pa.string()))
 
     def load(self):
         if self.encoder is None:
@@ -232,7 +248,7 @@ class TextEmbedder(_Embedder):
         embeddings = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
         if has_text.any():
             embeddings[has_text] = self.load().encode([t for t, keep in zip(texts, has_text) if keep])
-        return batch.append_column("text_emb", _vectors(embeddings, has_text, self.dim))
+        return self.tagged(batch.append_column("text_emb", _vectors(embeddings, has_text, self.dim)))
 
 
 class ImageEmbedder(_Embedder):
@@ -252,7 +268,8 @@ class ImageEmbedder(_Embedder):
                                 for p in pixels.filter(pa.array(has_image)).to_pylist()])
             embeddings[has_image] = self.load().encode(stacked)
         # 150 KB a row: not carried further
-        return batch.drop_columns(["pixels"]).append_column("image_emb", _vectors(embeddings, has_image, self.dim))
+        return self.tagged(batch.drop_columns(["pixels"]).append_column("image_emb",
+                                                                         _vectors(embeddings, has_image, self.dim)))
 
 
 # ------------------------------------------------------------------------------------------------ planning in Ray
@@ -281,8 +298,14 @@ def prepare_rows(block: pa.Table, template: TextTemplate, text_version: str, ima
         "content_hash", pa.array(hashes, pa.string()))
 
 
+KEYS_SCHEMA = pa.schema([("item_id", pa.string()), ("rank", pa.int64()), ("stored_hash", pa.string()),
+                         ("rejected_hash", pa.string())])  # the plan's groupby input: one of the last three is set
+
+
 def _usable_keys(block: pa.Table) -> pa.Table:
-    return block.filter(pc.is_null(block.column("reject"))).select(["item_id", "rank"])
+    usable = block.filter(pc.is_null(block.column("reject")))
+    return pa.table([usable.column("item_id"), usable.column("rank"), pa.nulls(usable.num_rows, pa.string()),
+                     pa.nulls(usable.num_rows, pa.string())], schema=KEYS_SCHEMA)
 
 
 def classify(block: pa.Table, source: CatalogSource) -> pa.Table:
@@ -316,24 +339,29 @@ def classify(block: pa.Table, source: CatalogSource) -> pa.Table:
 
 
 def _keys(db, name: str, column: str, alias: str, where: tuple[str, str] | None = None):
-    """(item_id, `column` as `alias`) of table `name` (its rows whose where[0] column equals where[1]) as a Ray
-    dataset read by the workers; empty when the table is absent."""
+    """KEYS_SCHEMA rows of table `name` (those whose where[0] column equals where[1]): item_id and `column` as
+    `alias`, as a Ray dataset read by the workers; empty when the table is absent."""
     import ray
 
-    schema = pa.schema([("item_id", pa.string()), (alias, pa.string())])
     if store.open_table(db, name, required=False) is None:
-        return ray.data.from_arrow(schema.empty_table())
+        return ray.data.from_arrow(KEYS_SCHEMA.empty_table())
     uri = store.table_uri(db, name)
+    fragments = len(store.open_table(db, name).to_lance().get_fragments())
     ds = ray.data.read_lance(uri, columns=["item_id", column] + ([where[0]] if where else []),
                              storage_options=objectstore.storage_options(uri) or None,
-                             ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+                             ray_remote_args={"num_cpus": DATA_TASK_CPUS},
+                             override_num_blocks=max(1, fragments))  # not split into 200 tiny blocks
 
     # Filtered and renamed in a batch function: Ray 2.60's rename_columns after a column-pruned read_lance
     # projects the table's full schema and fails on the columns it did not read.
     def keys(block: pa.Table) -> pa.Table:
         if where:
             block = block.filter(pc.equal(block.column(where[0]), where[1]))
-        return block.select(["item_id", column]).rename_columns(schema.names)
+        n = block.num_rows
+        columns = {"item_id": block.column("item_id"), "rank": pa.nulls(n, pa.int64()),
+                   "stored_hash": pa.nulls(n, pa.string()), "rejected_hash": pa.nulls(n, pa.string())}
+        columns[alias] = block.column(column)
+        return pa.table(columns, schema=KEYS_SCHEMA)
 
     return ds.map_batches(keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
 
@@ -359,7 +387,9 @@ def stage_batch(batch: pa.Table, job: "StagingTarget") -> pa.Table:
         written = write_fragments(rows, uri, schema=rows.schema, storage_options=job.storage_options or None) \
             if rows.num_rows else []
         fragments[key] = [json.dumps(f.to_json()) for f in written]
-    return pa.table({"items": [fragments["items"]], "rejects": [fragments["rejects"]],
+    nodes = sorted({f"{column[:-len('_node')]}:{node}" for column in batch.column_names if column.endswith("_node")
+                    for node in batch.column(column).unique().to_pylist()})
+    return pa.table({"items": [fragments["items"]], "rejects": [fragments["rejects"]], "nodes": [nodes],
                      **{name: [value] for name, value in counts.items()}})
 
 
@@ -467,21 +497,25 @@ class EncodeJob:
 
     def plan(self, source: CatalogSource):
         """The rows of the catalog as WORK_SCHEMA: read, parsed, text and hash added, and joined on item_id with
-        the first rank of their id and the hashes stored in the table and its rejects."""
-        from ray.data.aggregate import Min
+        the first rank of their id and the hashes stored in the table and its rejects.
+
+        Two shuffles: one groupby over the keys alone (the catalog's (item_id, rank) and the stored hashes,
+        as one union), then one join of the catalog's rows with its result. The catalog is read twice (for
+        the keys and for the rows) rather than held in the object store between them.
+        """
+        from ray.data.aggregate import Max, Min
 
         s = self.settings
         rows = source.dataset().map_batches(
             prepare_rows, fn_args=(s.template, self.text_config.version, self.image_config.version),
             batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
         partitions = max(2, int(ray_cluster_cpus()))
-        # Ray's own filter and select tasks ask for a whole CPU each: one batch function at DATA_TASK_CPUS instead
-        firsts = (rows.map_batches(_usable_keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-                  .groupby("item_id", num_partitions=partitions).aggregate(Min("rank", alias_name="first_rank")))
-        stored = _keys(self.db, self.table_name, "content_hash", "stored_hash")
-        rejected = _keys(self.db, self.rejects_table, "content_hash", "rejected_hash", ("stage", "encode"))
-        verdict_keys = (firsts.join(stored, "left_outer", num_partitions=partitions, on=("item_id",))
-                        .join(rejected, "left_outer", num_partitions=partitions, on=("item_id",)))
+        keys = rows.map_batches(_usable_keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS).union(
+            _keys(self.db, self.table_name, "content_hash", "stored_hash"),
+            _keys(self.db, self.rejects_table, "content_hash", "rejected_hash", ("stage", "encode")))
+        verdict_keys = keys.groupby("item_id", num_partitions=partitions).aggregate(
+            Min("rank", alias_name="first_rank"), Max("stored_hash", alias_name="stored_hash"),
+            Max("rejected_hash", alias_name="rejected_hash"))
         decided = rows.join(verdict_keys, "left_outer", num_partitions=partitions, on=("item_id",))
         return decided.map_batches(classify, fn_args=(source,), batch_size=None, batch_format="pyarrow",
                                    num_cpus=DATA_TASK_CPUS)
@@ -495,9 +529,13 @@ class EncodeJob:
         stages = 2 if with_images else 1
         resources = ray.cluster_resources()
         plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0), stages, s.actors, s.gpus_per_actor)
+        # SPREAD: a stage's actors on as many nodes as can hold them (on a cluster, its GPU nodes)
         pool = dict(compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus, num_gpus=plan.gpus,
-                    batch_size=s.batch_size, batch_format="pyarrow")
-        ds = self.plan(source)
+                    batch_size=s.batch_size, batch_format="pyarrow", scheduling_strategy="SPREAD")
+        # Blocks of a few batches: an actor pool hands out whole blocks, and a join's output blocks are whole
+        # partitions, which one actor would encode alone. The repartition streams (no shuffle); its tasks get
+        # DATA_TASK_CPUS like every task here.
+        ds = self.plan(source).repartition(target_num_rows_per_block=4 * s.batch_size)
         if with_images:
             from featurestore.images import ImageLoader
 

@@ -1,5 +1,5 @@
-"""Two Ray nodes on one machine (the `two_nodes` fixture in conftest.py): where the training flow's DDP
-workers run, asserted from the workers' own node ids and the run record naming those nodes; the metrics of a
+"""Two Ray nodes on one machine (the `two_nodes` fixture in conftest.py): where the encode flow's actors and the
+training flow's DDP workers run, asserted from the workers' own node ids and the run record naming those nodes; the metrics of a
 run over two nodes against one on a single node; and a run that loses its second node mid-training."""
 import json
 import os
@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -170,3 +171,38 @@ def test_the_second_node_killed_mid_training_the_run_waits_for_a_node_and_resume
     assert second.node_id not in run.worker_nodes
     windows = training_windows(db)
     assert all(windows - 1 <= metrics["sequences"] <= windows for metrics in run.epochs)
+
+
+ENCODED = 400
+
+
+def encode_on(address: str, db_uri: str, summary: Path) -> dict:
+    """flows/encode_items.py joining the cluster at `address` as a job would: 400 ML-100k titles, 2 text actors,
+    blocks of 32 rows (an actor takes up to 4 blocks at once, those on its own node first: fewer blocks could
+    all go to one actor)."""
+    done = subprocess.run([sys.executable, "flows/encode_items.py", "--catalog", "ml-100k", "--limit", str(ENCODED),
+                           "--actors", "2", "--batch-size", "8", "--db", db_uri, "--summary-json", str(summary)],
+                          cwd=REPO, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return json.loads(summary.read_text())
+
+
+def test_the_encode_flow_spreads_its_actors_over_both_nodes_and_encodes_as_one_node_does(two_nodes, ray_local,
+                                                                                          tmp_path):
+    spread = encode_on(two_nodes.address, str(tmp_path / "two"), tmp_path / "two.json")
+    nodes = {node.node_id for node in two_nodes.list_all_nodes()}
+    assert set(spread["actor_nodes"]["text"]) == nodes and len(nodes) == 2  # one text actor on each node
+    one = encode_on(ray_local.get_runtime_context().gcs_address, str(tmp_path / "one"), tmp_path / "one.json")
+    assert len(one["actor_nodes"]["text"]) == 1
+    assert (spread["encoded"], one["encoded"]) == (ENCODED, ENCODED)
+
+    def embeddings(db_uri):
+        table = store.read_columns(store.connect(db_uri), "items", ["item_id", "text", "text_emb"]).sort_by("item_id")
+        return table.column("item_id").to_pylist(), table.column("text").to_pylist(), table.column("text_emb")
+
+    ids, texts, vectors = embeddings(str(tmp_path / "two"))
+    ids_one, texts_one, vectors_one = embeddings(str(tmp_path / "one"))
+    assert (ids, texts) == (ids_one, texts_one)
+    np.testing.assert_allclose(np.stack(vectors.to_numpy(zero_copy_only=False)),
+                               np.stack(vectors_one.to_numpy(zero_copy_only=False)), atol=1e-5)
