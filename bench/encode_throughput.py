@@ -1,31 +1,30 @@
-"""Encoding-flow throughput vs a bare in-process loop over the same encoder, batches and torch thread count.
+"""Encoding-flow throughput vs a bare in-process loop over the same encoders, batch size and torch thread count.
 
-    .venv/bin/python bench/encode_throughput.py                       # defaults: 5000 text, 300 images
-    .venv/bin/python bench/encode_throughput.py --text-items 1000 --image-items 0
+    RAY_AUTH_MODE=token .venv/bin/python bench/encode_throughput.py                  # 5000 text items, 3000 images
+    RAY_AUTH_MODE=token .venv/bin/python bench/encode_throughput.py --text-items 1000 --image-items 0
 
-What is measured, per modality (text-only catalog; image catalog whose items also carry text):
+The real encoders (all-MiniLM-L6-v2, tf_efficientnet_lite0). Per modality (a text-only catalog; an image catalog
+whose items also carry text):
 
-* bare loop: `create_encoder(...).encode(batch)` in this process, on the batches the flow's actor sees (the source
-  blocks `EncodeJob.dataset` makes, cut into --batch-size batches), with `torch.set_num_threads` set to the count
-  `plan_resources` gives the flow's actors. Steady state = every batch after the first.
-* flow: `EncodeJob(db, table, settings).run(catalog)` into a fresh temporary LanceDB; steady state and start-up are
-  the flow's own `EncodeSummary.steady_items_per_s` / `first_batch_seconds`.
-* ratio = bare steady items/s / flow steady items/s (the flow's overhead; the target for text is <= 1.15).
-* start-up, reported separately: `ray.init` (by `ensure_ray`, as in the flow), and a bare Ray actor that imports the
-  encoder and loads the model (the same work an encoder actor does before its first batch).
-* where the flow's wall time goes: driver-side planning (render/hash/diff), time to the first batch, the streamed
-  part, driver-side row conversion, LanceDB create/merge_insert, reject records and index upkeep. The driver-side
-  parts are timed by wrapping `EncodeJob.plan`/`item_rows`, `store.upsert`, `store.record_rejects` and
-  `ensure_indexes` in this process (timing only; the flow's code is unchanged).
+* bare loop: `create_encoder(...).encode(batch)` in this process over the catalog's rows in order, --batch-size at
+  a time, with `torch.set_num_threads` set to the count `plan_resources` gives the flow's actors. Steady state =
+  every batch after the first. For images the bare work of both modalities is 1 / (1/image rate + 1/text rate):
+  the flow encodes every image item's text too.
+* flow: `encode_catalog(...)` (what flows/encode_items.py runs) into a fresh LanceDB, in this process's Ray
+  instance. Its own `EncodeSummary` says where the time went: `phases` (recover, stream, commit, merge, index),
+  `first_batch_seconds` (start-up: scheduling, the plan's joins, actor start, model load, the first writer batch)
+  and `steady_items_per_s` (after the first writer result). Nothing of the flow is patched or wrapped.
+* ratio = bare steady items/s / flow steady items/s (the flow's overhead; target <= 1.15).
+* start-up, reported apart: `ray.init` (by `ensure_ray`, as in the flow), and a bare Ray actor that imports the
+  encoder and loads the model (the work an encoder actor does before its first batch).
 
-The machine is shared: the load average before each measurement is recorded; numbers taken while other work ran
-are not comparable (the script says so).
+The machine is shared: the load average before each measurement and the cores other processes used during each
+flow run are recorded; numbers taken while other work ran are not comparable.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -64,14 +63,15 @@ EXTRAS = ["", " Shot on location with a largely unknown cast.", " Based on a bes
           " Nominated for several awards on release."]
 
 
-def text_records(n: int, seed: int = 0) -> list[dict]:
-    """n catalog records from the MovieLens-1M movies (titles, years, genres), repeated as re-releases, each with a
-    generated one- or two-sentence description, so every item has a different text of realistic length."""
+def text_records(n: int, seed: int = 0, revised_every: int = 0):
+    """n catalog records (a generator: 1M of them need not sit in memory) from the MovieLens-1M movies (titles,
+    years, genres), repeated as re-releases, each with a generated one- or two-sentence description, so every item
+    has a different text of realistic length. revised_every k > 0: every k-th item's description gets one more
+    sentence, the same catalog with 1/k of its items changed (the seed keeps every other record as it was)."""
     from featurestore.movielens import load_items
 
     movies = load_items("ml-1m").to_dict("records")
     rng = random.Random(seed)
-    records = []
     for i in range(n):
         movie, edition = movies[i % len(movies)], i // len(movies)
         year = movie["year"] if movie["year"] == movie["year"] and movie["year"] is not None else None
@@ -81,8 +81,9 @@ def text_records(n: int, seed: int = 0) -> list[dict]:
             f"A {rng.choice(ADJECTIVES)} {genres[0].lower()} {rng.choice(NOUNS)}"
             f"{' from ' + str(year) if year else ''} about {rng.choice(PLOTS)}.{rng.choice(EXTRAS)}"
         )
-        records.append({"item_id": f"m{i:06d}", "title": title, "description": description, "categories": genres})
-    return records
+        if revised_every and i % revised_every == 0:
+            description += " Now with a new commentary track."
+        yield {"item_id": f"m{i:07d}", "title": title, "description": description, "categories": genres}
 
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "coins", "clock", "moon", "brick", "grass",
@@ -119,7 +120,7 @@ def image_records(n: int, folder: Path, seed: int = 0) -> list[dict]:
     return records
 
 
-def write_jsonl(records: list[dict], path: Path) -> Path:
+def write_jsonl(records, path: Path) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -192,105 +193,11 @@ def loadavg() -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# instrumentation: timing wrappers around the driver-side steps of the flow (its behaviour is unchanged)
-
-
-class Probe:
-    def __init__(self, expected_rows: int):
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.datasets: list = []
-        self.source_blocks: list[int] = []
-        self.expected_rows, self.rows_seen = expected_rows, 0
-        self.first_batch_cpu = self.last_batch_cpu = None
-
-    def add(self, name: str, dt: float):
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-        self.calls[name] = self.calls.get(name, 0) + 1
-
-    def wrap(self, owner, attr: str, name: str):
-        original = getattr(owner, attr)
-        probe = self
-
-        def wrapped(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                probe.add(name, time.perf_counter() - start)
-
-        setattr(owner, attr, wrapped)
-        return lambda: setattr(owner, attr, original)
-
-
-def instrument(probe: Probe):
-    import ray.data
-
-    from featurestore import encode, store
-
-    undo = [
-        probe.wrap(encode.EncodeJob, "plan", "plan"),
-        probe.wrap(encode.EncodeJob, "item_rows", "item_rows"),
-        probe.wrap(store, "upsert", "upsert"),
-        probe.wrap(store, "record_rejects", "record_rejects"),
-        probe.wrap(encode, "ensure_indexes", "ensure_indexes"),
-    ]
-    timed_item_rows = encode.EncodeJob.item_rows
-
-    def item_rows(self, batch, *args, **kwargs):
-        # CPU snapshots when the first batch reaches the driver and after the last one: the steady-state window
-        if probe.first_batch_cpu is None:
-            probe.first_batch_cpu = cpu_snapshot()
-        out = timed_item_rows(self, batch, *args, **kwargs)
-        probe.rows_seen += len(batch["item_id"])
-        if probe.rows_seen >= probe.expected_rows:
-            probe.last_batch_cpu = cpu_snapshot()
-        return out
-
-    encode.EncodeJob.item_rows = item_rows
-    undo.append(lambda: setattr(encode.EncodeJob, "item_rows", timed_item_rows))
-
-    original_dataset = encode.EncodeJob.dataset
-
-    def dataset(self, *args, **kwargs):
-        start = time.perf_counter()
-        out = original_dataset(self, *args, **kwargs)
-        probe.add("dataset_build", time.perf_counter() - start)
-        probe.datasets.append(out[0])
-        return out
-
-    encode.EncodeJob.dataset = dataset
-    undo.append(lambda: setattr(encode.EncodeJob, "dataset", original_dataset))
-
-    # the flow's source blocks, so that the bare loop gets the same batches whatever the block policy is
-    original_from_arrow = ray.data.from_arrow
-
-    def from_arrow(tables, *args, **kwargs):
-        probe.source_blocks = [t.num_rows for t in (tables if isinstance(tables, list) else [tables])]
-        return original_from_arrow(tables, *args, **kwargs)
-
-    ray.data.from_arrow = from_arrow
-    undo.append(lambda: setattr(ray.data, "from_arrow", original_from_arrow))
-    return lambda: [u() for u in reversed(undo)]
-
-
-# --------------------------------------------------------------------------------------------------------------
 # measurements
 
 
-def flow_batches(source_blocks: list[int], batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each batch the flow's encoder actor gets: the flow's source blocks, each cut into
-    batch_size batches."""
-    out, block_start = [], 0
-    for rows in source_blocks:
-        block_stop = block_start + rows
-        out += [(s, min(block_stop, s + batch_size)) for s in range(block_start, block_stop, batch_size)]
-        block_start = block_stop
-    return out
-
-
-def bare_loop(encoder, inputs, batches: list[tuple[int, int]], threads: int) -> dict:
-    """Encode `inputs` batch by batch in this process with `threads` torch threads; steady state = batches 2..n."""
+def bare_loop(encoder, inputs, batch_size: int, threads: int) -> dict:
+    """Encode `inputs` batch_size at a time in this process with `threads` torch threads; steady = batches 2..n."""
     import torch
 
     before = torch.get_num_threads()
@@ -298,20 +205,19 @@ def bare_loop(encoder, inputs, batches: list[tuple[int, int]], threads: int) -> 
     try:
         load = loadavg()
         times = []
-        for start, stop in batches:
+        for start in range(0, len(inputs), batch_size):
             t0 = time.perf_counter()
-            encoder.encode(inputs[start:stop])
+            encoder.encode(inputs[start:start + batch_size])
             times.append(time.perf_counter() - t0)
             if len(times) == 1:
                 steady_start = cpu_snapshot()
         steady_end = cpu_snapshot()
     finally:
         torch.set_num_threads(before)
-    n = batches[-1][1] - batches[0][0]
-    steady_rows = n - (batches[0][1] - batches[0][0])
+    n, steady_rows = len(inputs), len(inputs) - min(batch_size, len(inputs))
     return {
         "threads": threads,
-        "batches": len(batches),
+        "batches": len(times),
         "seconds": round(sum(times), 3),
         "first_batch_seconds": round(times[0], 3),
         "items_per_s": round(n / sum(times), 2),
@@ -350,128 +256,36 @@ def actor_start(model: str, kind: str, threads: int, num_cpus: float) -> dict:
             "worker_start_s": round(total - import_s - load_s, 2)}
 
 
-def operator_timeline(ds, t0: float) -> dict:
-    """Per Ray Data operator, from its per-block execution stats (start/end are perf_counter times, i.e.
-    CLOCK_MONOTONIC, comparable across processes on one machine): tasks, rows, when its first task started and
-    its last ended (seconds after t0), busy (sum of task wall time), CPU, and for the tasks after the first one the
-    throughput over the span between the first and the last task end and the share of that span spent busy."""
-    raw, stack, out = ds._raw_stats(), [], {}
-    stack.append(raw)
-    while stack:
-        stats = stack.pop()
-        stack += list(getattr(stats, "parents", []) or [])
-        for name, blocks in (getattr(stats, "metadata", {}) or {}).items():
-            tasks: dict[int, list] = {}
-            for block in blocks:
-                es = getattr(block, "exec_stats", None)
-                if es is None or es.start_time_s is None or es.end_time_s is None:
-                    continue
-                t = tasks.setdefault(es.task_idx, [es.start_time_s, es.end_time_s, 0, 0.0, 0.0, 0.0])
-                t[0], t[1] = min(t[0], es.start_time_s), max(t[1], es.end_time_s)
-                t[2] += block.num_rows or 0
-                t[3] += es.wall_time_s or 0.0
-                t[4] += es.cpu_time_s or 0.0
-                t[5] += getattr(es, "function_body_time_s", None) or 0.0
-            if not tasks:
-                continue
-            ordered = sorted(tasks.values(), key=lambda t: t[1])
-            rows = sum(t[2] for t in ordered)
-            busy = sum(t[3] for t in ordered)
-            op = {
-                "tasks": len(ordered), "rows": rows,
-                "first_task_start_s": round(ordered[0][0] - t0, 3), "last_task_end_s": round(ordered[-1][1] - t0, 3),
-                "busy_s": round(busy, 3), "cpu_s": round(sum(t[4] for t in ordered), 3),
-                "function_body_s": round(sum(t[5] for t in ordered), 3),
-                "compute_items_per_s": round(rows / busy, 2) if busy else None,
-                "span_items_per_s": round(rows / (ordered[-1][1] - ordered[0][0]), 2),
-            }
-            if len(ordered) > 1:
-                span = ordered[-1][1] - ordered[0][1]
-                later_rows = sum(t[2] for t in ordered[1:])
-                op["steady_items_per_s"] = round(later_rows / span, 2) if span > 0 else None
-                op["steady_busy_fraction"] = round(sum(t[3] for t in ordered[1:]) / span, 3) if span > 0 else None
-                op["gaps_s"] = round(sum(max(0.0, b[0] - a[1]) for a, b in zip(ordered, ordered[1:])), 3)
-            out[name] = op
-    return out
-
-
 def run_flow(catalog_path: Path, db_dir: Path, batch_size: int, table: str) -> dict:
-    from featurestore import store
-    from featurestore.catalogs import read_catalog
-    from featurestore.encode import EncodeJob, EncodeSettings
+    """The flow as the command line runs it; its summary's counts and phases, and the CPU this benchmark's process
+    tree (driver, Ray, workers) and everybody else's processes used meanwhile."""
+    from featurestore.encode import encode_catalog
 
-    t0 = time.perf_counter()
-    catalog = read_catalog(str(catalog_path))
-    read_s = time.perf_counter() - t0
-    probe = Probe(expected_rows=catalog.rows.num_rows)
-    db = store.connect(str(db_dir))
-    job = EncodeJob(db, table, EncodeSettings(text_model=TEXT_MODEL, image_model=IMAGE_MODEL, batch_size=batch_size))
-    undo = instrument(probe)
     load = loadavg()
-    try:
-        start = cpu_snapshot()
-        summary = job.run(catalog)
-        end = cpu_snapshot()
-    finally:
-        undo()
-    run_s = end[0] - start[0]
-    if summary.encoded != catalog.rows.num_rows or summary.image_failures:
-        raise RuntimeError(f"the flow encoded {summary.encoded} of {catalog.rows.num_rows} items: {summary.lines()}")
-    t = probe.seconds
-    after_stream = t.get("upsert", 0) + t.get("record_rejects", 0) + t.get("ensure_indexes", 0)
-    steady_s = summary.encode_seconds - summary.first_batch_seconds
-    steady_rows = round(summary.steady_items_per_s * steady_s)
+    start = cpu_snapshot()
+    summary = encode_catalog(str(catalog_path), db_uri=str(db_dir), table=table, text_model=TEXT_MODEL,
+                             image_model=IMAGE_MODEL, batch_size=batch_size)
+    end = cpu_snapshot()
+    if summary.rejected_whole or summary.image_failures:
+        raise RuntimeError(f"the flow rejected or failed items: {summary.lines()}")
     return {
-        "loadavg_before": load,
-        "read_catalog_s": round(read_s, 3),
-        "run_s": round(run_s, 3),
-        "plan_s": round(t.get("plan", 0), 3),
-        "dataset_build_s": round(t.get("dataset_build", 0), 3),
-        "first_batch_seconds": round(summary.first_batch_seconds, 3),
-        "stream_s": round(summary.encode_seconds, 3),
-        "steady_stream_s": round(steady_s, 3),
-        "item_rows_s": round(t.get("item_rows", 0), 3),
-        "output_batches": probe.calls.get("item_rows", 0),
-        "upsert_s": round(t.get("upsert", 0), 3),
-        "upsert_calls": probe.calls.get("upsert", 0),
-        "record_rejects_s": round(t.get("record_rejects", 0), 3),
-        "ensure_indexes_s": round(t.get("ensure_indexes", 0), 3),
-        "other_s": round(run_s - t.get("plan", 0) - t.get("dataset_build", 0) - summary.encode_seconds - after_stream, 3),
+        "loadavg_before": load, "loadavg_after": loadavg(),
+        "run_s": round(end[0] - start[0], 3),
         "encoded": summary.encoded,
-        "items_per_s": round(summary.items_per_s, 2),
+        "phases_s": {name: round(s, 3) for name, s in summary.phases.items()},
+        "first_batch_seconds": round(summary.first_batch_seconds, 3),
         "steady_items_per_s": round(summary.steady_items_per_s, 2),
-        "steady_cpu": cpu_between(probe.first_batch_cpu, probe.last_batch_cpu, steady_rows)
-        if probe.first_batch_cpu and probe.last_batch_cpu and steady_rows else None,
+        "stream_items_per_s": round(summary.encoded / summary.phases["stream"], 2),
         "run_cpu": cpu_between(start, end, summary.encoded),
-        "source_blocks": probe.source_blocks,
-        "summary": summary.lines(),
-        "ray_data_stats": probe.datasets[0].stats() if probe.datasets else "",
-        "operators": _timeline(probe, start[0]),
-        "active_items_per_s": None,
     }
 
 
-def active_throughput(flow: dict) -> float | None:
-    """Items / (last encoder task end - first task start of any map stage): the flow's throughput once its actors
-    are up, with every pipeline effect in it (stages waiting on each other, scheduling gaps) but no start-up."""
-    ops = [op for name, op in flow.get("operators", {}).items() if name.startswith("MapBatches") and "tasks" in op]
-    if not ops:
-        return None
-    span = max(op["last_task_end_s"] for op in ops) - min(op["first_task_start_s"] for op in ops)
-    return round(flow["encoded"] / span, 2) if span > 0 else None
-
-
-def _timeline(probe: Probe, t0: float) -> dict:
-    try:
-        return operator_timeline(probe.datasets[0], t0) if probe.datasets else {}
-    except Exception as e:  # noqa: BLE001 - private Ray Data API; informative only
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
 def measure(modality: str, n: int, batch_size: int, repeats: int, quiet_s: float, work: Path, startup: dict) -> dict:
+    import numpy as np
     import ray
 
-    from featurestore.catalogs import read_catalog
+    from encoders import create_encoder
+    from featurestore.catalogs import open_catalog
     from featurestore.encode import TextTemplate, plan_resources
 
     folder = work / modality
@@ -481,35 +295,28 @@ def measure(modality: str, n: int, batch_size: int, repeats: int, quiet_s: float
     catalog_path = write_jsonl(records, folder / "catalog.jsonl")
     result = {"items": n, "make_catalog_s": round(time.perf_counter() - t0, 2), "runs": []}
 
-    stages = 1 if modality == "text" else 2  # an image catalog runs a text and an image stage
-    kind = "text" if modality == "text" else "image"
-    model = TEXT_MODEL if modality == "text" else IMAGE_MODEL
+    # a JSONL catalog runs an image and a text stage whether or not its rows carry images
     resources = ray.cluster_resources()
-    plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0), stages, None, None)
+    plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0), 2, None, None)
     result["plan_resources"] = plan.__dict__
+    kind, model = ("text", TEXT_MODEL) if modality == "text" else ("image", IMAGE_MODEL)
     startup[f"actor_start_{modality}"] = actor_start(model, kind, plan.torch_threads, plan.cpus)
 
-    rows = read_catalog(str(catalog_path)).rows
+    rows = open_catalog(str(catalog_path), "auto", None).read_local()  # the rows the flow reads, without Ray
+    texts = [TextTemplate().render(r) for r in rows.to_pylist()]
     encoder = inputs = None
     for rep in range(repeats):
         quiet = wait_quiet(quiet_s) if quiet_s else None
         print(f"[{modality}] run {rep + 1}/{repeats}: flow, {n} items ...", file=sys.stderr, flush=True)
         flow = run_flow(catalog_path, folder / f"db{rep}", batch_size, f"bench_{modality}")
         flow["quiet_before"] = quiet
-        flow["active_items_per_s"] = active_throughput(flow)
-        batches = flow_batches(flow["source_blocks"], batch_size)
-        assert batches[-1][1] == rows.num_rows, "the flow's source blocks do not cover the catalog"
         if encoder is None:  # loaded after the first flow run, so that run sees a driver without a model in it
-            from encoders import create_encoder
-
             t0 = time.perf_counter()
             encoder = create_encoder(model, kind)
             result["bare_model_load_s_warm_process"] = round(time.perf_counter() - t0, 2)
             if modality == "text":
-                inputs = [TextTemplate().render(r) for r in rows.to_pylist()]
+                inputs = texts
             else:
-                import numpy as np
-
                 from featurestore.images import ImagePolicy, decode, fetch_bytes
 
                 policy = ImagePolicy(roots=(str(catalog_path.parent),))  # the flow's default root
@@ -518,36 +325,20 @@ def measure(modality: str, n: int, batch_size: int, repeats: int, quiet_s: float
                                    for r in rows.column("image_ref").to_pylist()])
                 result["bare_decode_preprocess_s"] = round(time.perf_counter() - t0, 3)
         quiet = wait_quiet(quiet_s) if quiet_s else None
-        print(f"[{modality}] run {rep + 1}/{repeats}: bare loop, {plan.torch_threads} torch thread(s) ...", file=sys.stderr, flush=True)
-        bare = bare_loop(encoder, inputs, batches, plan.torch_threads)
+        print(f"[{modality}] run {rep + 1}/{repeats}: bare loop, {plan.torch_threads} torch thread(s) ...",
+              file=sys.stderr, flush=True)
+        bare = bare_loop(encoder, inputs, batch_size, plan.torch_threads)
         bare["quiet_before"] = quiet
-        result["runs"].append({
-            "flow": flow, "bare": bare,
-            "ratio": round(bare["steady_items_per_s"] / flow["steady_items_per_s"], 3) if flow["steady_items_per_s"] else None,
-            "ratio_active": round(bare["steady_items_per_s"] / flow["active_items_per_s"], 3) if flow["active_items_per_s"] else None,
-        })
-
-    if modality == "images":
-        # context: one process on every core, and the text stage that runs beside the image stage in the flow
-        print(f"[images] bare loop on all {os.cpu_count()} cores; text stage of the same items ...", file=sys.stderr, flush=True)
-        result["bare_all_cores"] = bare_loop(encoder, inputs, batches, os.cpu_count())
-        from encoders import create_encoder
-
-        texts = [TextTemplate().render(r) for r in rows.to_pylist()]
-        result["bare_text_stage"] = bare_loop(create_encoder(TEXT_MODEL, "text"), texts, batches, plan.torch_threads)
-
-    best_active = max((r["flow"]["active_items_per_s"] or 0) for r in result["runs"])
-    best_flow = max(r["flow"]["steady_items_per_s"] for r in result["runs"])
-    best_bare = max(r["bare"]["steady_items_per_s"] for r in result["runs"])
-    result["best_flow_steady_items_per_s"] = best_flow
-    result["best_bare_steady_items_per_s"] = best_bare
-    result["ratio_best_bare_over_best_flow"] = round(best_bare / best_flow, 3) if best_flow else None
-    result["best_flow_active_items_per_s"] = best_active
-    result["ratio_best_bare_over_best_active"] = round(best_bare / best_active, 3) if best_active else None
-    cpu = [(r["flow"]["steady_cpu"] or {}).get("cpu_s_per_1000_items") for r in result["runs"]]
-    bare_cpu = [(r["bare"]["steady_cpu"] or {}).get("cpu_s_per_1000_items") for r in result["runs"]]
-    if all(cpu) and all(bare_cpu):
-        result["cpu_ratio_flow_over_bare"] = round(min(cpu) / min(bare_cpu), 3)
+        if modality == "images":  # the flow encodes every image item's text as well: bare work for both
+            text_stage = bare_loop(create_encoder(TEXT_MODEL, "text"), texts, batch_size, plan.torch_threads)
+            bare["text_stage"] = text_stage
+            bare["both_steady_items_per_s"] = round(
+                1 / (1 / bare["steady_items_per_s"] + 1 / text_stage["steady_items_per_s"]), 2)
+        reference = bare.get("both_steady_items_per_s", bare["steady_items_per_s"])
+        result["runs"].append({"flow": flow, "bare": bare, "ratio": round(reference / flow["steady_items_per_s"], 3)
+                               if flow["steady_items_per_s"] else None})
+    ratios = [r["ratio"] for r in result["runs"] if r["ratio"]]
+    result["best_ratio"] = min(ratios) if ratios else None
     return result
 
 
@@ -556,65 +347,34 @@ def measure(modality: str, n: int, batch_size: int, repeats: int, quiet_s: float
 
 
 def _f(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else format("-", fmt.split(".")[0].rstrip("f") or ">")
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
 
 def tables(report: dict) -> str:
-    lines = ["Throughput, items/s. bare = in-process loop, steady state (batches 2..n); flow steady = EncodeSummary's",
-             "steady_items_per_s (after the first batch reaches the driver); flow active = items / span from the first",
-             "map task's start to the last encoder task's end (no start-up, every pipeline effect). ratio = bare / flow",
-             "(text target <= 1.15). others = cores other people's processes used meanwhile (the machine is shared);",
-             "cpu/1k = CPU-seconds this benchmark's processes (driver + Ray + workers) spent per 1000 items, steady state."]
-    head = (f"{'modality':<8} {'run':>4} {'items':>5} {'thr':>3} {'bare':>6} {'others':>6} {'cpu/1k':>6} | {'steady':>6} "
-            f"{'active':>6} {'others':>6} {'cpu/1k':>6} | {'ratio':>5} {'r.act':>5} {'1st batch s':>11}")
-    lines += [head, "-" * len(head)]
+    lines = ["Throughput, items/s. bare = in-process loop, steady state (batches 2..n; images: both modalities,",
+             "1 / (1/image + 1/text)); flow steady = EncodeSummary.steady_items_per_s (after the first writer result);",
+             "flow stream = encoded / the stream phase (start-up included). ratio = bare / flow steady (target <= 1.15).",
+             "others = cores other people's processes used during the flow run (the machine is shared).", "",
+             "| modality | run | items | threads | bare | flow steady | flow stream | ratio | 1st batch s | recover | "
+             "stream | commit | merge | index | others | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for modality in ("text", "images"):
         r = report.get(modality)
-        if not r:
-            continue
-        for i, run in enumerate(r["runs"]):
+        for i, run in enumerate((r or {}).get("runs", [])):
             b, f = run["bare"], run["flow"]
-            bc, fc = b["steady_cpu"] or {}, f["steady_cpu"] or f["run_cpu"] or {}
+            p = f["phases_s"]
             lines.append(
-                f"{modality:<8} {i + 1:>4} {r['items']:>5} {b['threads']:>3} {b['steady_items_per_s']:>6.1f} "
-                f"{_f(bc.get('other_processes_cores'), '>6.2f')} {_f(bc.get('cpu_s_per_1000_items'), '>6.2f')} | "
-                f"{_f(f['steady_items_per_s'] or None, '>6.1f')} {_f(f['active_items_per_s'], '>6.1f')} "
-                f"{_f(fc.get('other_processes_cores'), '>6.2f')} {_f(fc.get('cpu_s_per_1000_items'), '>6.2f')} | "
-                f"{_f(run['ratio'], '>5.2f')} {_f(run['ratio_active'], '>5.2f')} {f['first_batch_seconds']:>11.2f}"
-            )
-        if len(r["runs"]) > 1:
-            lines.append(
-                f"{modality:<8} {'best':>4} {r['items']:>5} {'':>3} {r['best_bare_steady_items_per_s']:>6.1f} {'':>6} {'':>6} | "
-                f"{_f(r['best_flow_steady_items_per_s'] or None, '>6.1f')} {_f(r['best_flow_active_items_per_s'] or None, '>6.1f')} "
-                f"{'':>6} {'':>6} | {_f(r['ratio_best_bare_over_best_flow'], '>5.2f')} {_f(r['ratio_best_bare_over_best_active'], '>5.2f')}")
-        if "bare_all_cores" in r:
-            a, t = r["bare_all_cores"], r["bare_text_stage"]
-            lines.append(f"{'  bare image encode on all cores:':<34} {a['threads']} threads {a['steady_items_per_s']:.1f} items/s "
-                         f"(others {_f((a['steady_cpu'] or {}).get('other_processes_cores'), '.2f')})")
-            lines.append(f"{'  bare text encode, same items:':<34} {t['threads']} thread  {t['steady_items_per_s']:.1f} items/s")
-            lines.append(f"{'  bare decode+preprocess, 1 core:':<34} {r['items'] / r['bare_decode_preprocess_s']:.1f} items/s")
-    lines += ["", "Inside the flow: encoder stages from Ray Data's per-block stats (seconds from the start of EncodeJob.run)"]
-    head = (f"{'modality':<8} {'run':>3} {'stage':<14} {'tasks':>5} {'1st task':>8} {'compute it/s':>12} {'cpu/wall':>8} "
-            f"{'steady it/s':>11} {'busy':>5} {'gaps s':>6}")
-    lines += [head, "-" * len(head)]
-    for modality in ("text", "images"):
-        r = report.get(modality)
-        if not r:
-            continue
-        for i, run in enumerate(r["runs"]):
-            for name, op in run["flow"].get("operators", {}).items():
-                if "Embedder" not in name and "Loader" not in name:
-                    continue
-                stage = name.replace("MapBatches(", "").rstrip(")")
-                lines.append(
-                    f"{modality:<8} {i + 1:>3} {stage:<14} {op['tasks']:>5} {op['first_task_start_s']:>8.2f} "
-                    f"{_f(op.get('compute_items_per_s'), '>12.1f')} {op['cpu_s'] / op['busy_s'] if op['busy_s'] else 0:>8.2f} "
-                    f"{_f(op.get('steady_items_per_s'), '>11.1f')} {_f(op.get('steady_busy_fraction'), '>5.2f')} "
-                    f"{_f(op.get('gaps_s'), '>6.2f')}")
-    lines += ["  1st task = when the stage's first task started (actor start + model load happen before it);",
-              "  compute it/s = rows / summed task wall time; cpu/wall = cores the stage's tasks used on average;",
-              "  steady it/s = rows of tasks 2..n / span from the first task's end to the last task's end;",
-              "  busy = share of that span with a task running (> 1: tasks ran in parallel); gaps = idle time between tasks."]
+                f"| {modality} | {i + 1} | {r['items']} | {b['threads']} | "
+                f"{b.get('both_steady_items_per_s', b['steady_items_per_s']):.1f} | {_f(f['steady_items_per_s'] or None, '.1f')} | "
+                f"{f['stream_items_per_s']:.1f} | {_f(run['ratio'], '.2f')} | {f['first_batch_seconds']:.1f} | "
+                + " | ".join(f"{p.get(k, 0):.1f}" for k in ("recover", "stream", "commit", "merge", "index"))
+                + f" | {f['run_cpu']['other_processes_cores']:.2f} | {f['loadavg_before']:.2f} |")
+    images = report.get("images")
+    if images:
+        b = images["runs"][0]["bare"]
+        lines += ["", f"images, bare: image encoder {b['steady_items_per_s']:.1f} items/s, text encoder on the same items "
+                  f"{b['text_stage']['steady_items_per_s']:.1f} items/s ({b['threads']} threads); decode + preprocess "
+                  f"on 1 core {images['items'] / images['bare_decode_preprocess_s']:.1f} items/s"]
     s = report["startup"]
     lines += ["", "Start-up, seconds", f"  ray.init                          {s['ray_init_s']:.2f}"]
     for key, label in (("actor_start_text", "text"), ("actor_start_images", "image")):
@@ -622,40 +382,20 @@ def tables(report: dict) -> str:
             a = s[key]
             lines.append(f"  {label + ' actor start + model load':<33} {a['total_s']:.2f}  (worker start {a['worker_start_s']:.2f}, "
                          f"imports {a['imports_s']:.2f}, model load {a['model_load_s']:.2f})")
-    lines += ["", "Where the flow's wall time goes, seconds (each flow run)"]
-    head = (f"{'modality':<8} {'run':>3} {'read':>5} {'plan':>5} {'build':>5} {'to 1st':>6} {'steady':>6} {'(rows)':>6} "
-            f"{'write':>5} {'rej+ix':>6} {'total':>6} {'bare enc':>8}")
-    lines += [head, "-" * len(head)]
-    for modality in ("text", "images"):
-        r = report.get(modality)
-        if not r:
-            continue
-        for i, run in enumerate(r["runs"]):
-            f = run["flow"]
-            lines.append(
-                f"{modality:<8} {i + 1:>3} {f['read_catalog_s']:>5.2f} {f['plan_s']:>5.2f} {f['dataset_build_s']:>5.2f} "
-                f"{f['first_batch_seconds']:>6.2f} {f['steady_stream_s']:>6.2f} {f['item_rows_s']:>6.2f} {f['upsert_s']:>5.2f} "
-                f"{f['record_rejects_s'] + f['ensure_indexes_s']:>6.2f} {f['read_catalog_s'] + f['run_s']:>6.2f} "
-                f"{run['bare']['seconds']:>8.2f}"
-            )
-    lines += ["  read = read_catalog; plan = render/hash/diff on the driver; build = Ray Data plan; to 1st = from the start",
-              "  of iteration to the first encoded batch on the driver (start-up: actor + model load, + one block's compute);",
-              "  steady = rest of the stream; (rows) = driver-side row conversion (inside the stream); write = LanceDB",
-              "  create/merge_insert; rej+ix = reject records + ANN index upkeep; bare enc = bare loop's encode time, same items."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text-items", type=int, default=5000)
-    p.add_argument("--image-items", type=int, default=300)
+    p.add_argument("--image-items", type=int, default=3000,
+                   help="enough for several writer batches (1,024 rows each), so that the flow has a steady state")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-repeats", type=int, default=2, help="flow + bare loop pairs for text")
     p.add_argument("--image-repeats", type=int, default=1)
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each measurement wait up to this many seconds for other processes to go quiet")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "encode_throughput.json"))
-    p.add_argument("--ray-stats", action="store_true", help="print Ray Data's per-operator stats of each flow run")
     args = p.parse_args(argv)
 
     import ray
@@ -684,10 +424,6 @@ def main(argv=None) -> int:
     ray.shutdown()
 
     print(tables(report))
-    if args.ray_stats:
-        for modality in ("text", "images"):
-            for i, run in enumerate(report.get(modality, {}).get("runs", [])):
-                print(f"\n--- Ray Data stats: {modality} run {i + 1} ---\n{run['flow']['ray_data_stats']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
