@@ -28,8 +28,9 @@ def test_indexed_search_finds_what_exact_search_finds(tmp_path):
 
     assert ensure_indexes(table, min_rows=ROWS + 1) == []  # small tables are searched exactly
     assert ensure_indexes(table, min_rows=1000) == ["text_emb"]  # no image vectors: no image index
-    assert [index.columns for index in table.list_indices()] == [["text_emb"]]
-    assert "HNSW" in str(table.list_indices()[0].index_type).upper()
+    indices = {index.columns[0]: str(index.index_type).upper() for index in table.list_indices()}
+    assert set(indices) == {"text_emb", "item_id"}  # and a BTree on item_id, for lookups by id
+    assert "HNSW" in indices["text_emb"] and "BTREE" in indices["item_id"]
 
     recalls = []
     for anchor in rng.choice(ROWS, 20, replace=False):
