@@ -15,6 +15,7 @@ line numbers, so lines are split here and parsed one by one, a bad one becoming 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import csv
 import fnmatch
 import io
@@ -70,6 +71,9 @@ class CatalogSource:
     limit: int | None = None
     # the object store's settings from the driver's environment (objectstore.storage_options), for the workers
     storage_options: tuple[tuple[str, str], ...] = ()
+    # False when the first file's header (Parquet schema, CSV header) or the format shows no image column:
+    # the flow then plans no image stage (no idle image actor holding CPU)
+    has_images: bool = True
 
     def filesystem(self, path: str) -> tuple[pyarrow.fs.FileSystem, str]:
         return _file_system(path, dict(self.storage_options))
@@ -149,26 +153,27 @@ def open_catalog(name: str, fmt: str = "auto", limit: int | None = None) -> Cata
     if limit is not None and limit < 1:
         raise CatalogError(f"--limit must be a positive number of rows, got {limit}")
     if name in BUILTIN or fmt in BUILTIN:
-        return CatalogSource(name, detect_format(name, fmt, CatalogError), limit=limit)
+        return CatalogSource(name, detect_format(name, fmt, CatalogError), limit=limit, has_images=False)
     files, base = resolve_files(name)
     suffixes = {_format_suffix(f) for f in files}
     if fmt == "auto" and len(suffixes) > 1:
         raise CatalogError(f"catalog {name!r} mixes file types ({', '.join(sorted(suffixes))}); pass --format")
     fmt = detect_format(files[0], fmt, CatalogError, first_line=lambda: _first_line(files[0]))
     source = CatalogSource(name, fmt, tuple(files), base, limit, tuple(objectstore.storage_options(name).items()))
+    columns = None
     if fmt == "parquet":
         fs, path = source.filesystem(files[0])
         try:
             columns = pq.read_schema(fs.open_input_file(path)).names
         except (pa.ArrowInvalid, OSError) as e:
             raise CatalogError(f"catalog file {files[0]!r} is not readable Parquet: {e}") from None
-        if "item_id" not in columns:
-            raise CatalogError(f"the catalog has no item_id column (columns: {', '.join(columns)})")
     elif fmt == "csv":
-        header = _csv_header(files[0])
-        if "item_id" not in header:
-            raise CatalogError(f"the catalog has no item_id column (columns: {', '.join(header)})")
-    return source
+        columns = _csv_header(files[0])
+    if columns is None:  # JSONL and Amazon 2023: any line may carry an image
+        return source
+    if "item_id" not in columns:
+        raise CatalogError(f"the catalog has no item_id column (columns: {', '.join(columns)})")
+    return dataclasses.replace(source, has_images=bool({"image", "image_bytes"} & set(columns)))
 
 
 def _format_suffix(path: str) -> str:

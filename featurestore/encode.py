@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 
 from featurestore import objectstore, store
 from featurestore.catalogs import CatalogSource, open_catalog
-from featurestore.formats import BUILTIN
 from featurestore.images import ImagePolicy
 from featurestore.raycluster import (DATA_TASK_CPUS, SHUFFLE_CPU_RESERVE, ResourcePlanError, cpus_beside_ray_data,
                                      ensure_ray)
@@ -525,7 +524,7 @@ class EncodeJob:
         import ray
 
         s = self.settings
-        with_images = source.fmt not in BUILTIN  # built-in catalogs carry no images
+        with_images = source.has_images
         stages = 2 if with_images else 1
         resources = ray.cluster_resources()
         plan = plan_resources(resources.get("CPU", 1), resources.get("GPU", 0), stages, s.actors, s.gpus_per_actor)

@@ -80,6 +80,11 @@ def test_csv_and_parquet_keep_ids_as_text(tmp_path):
     pq.write_table(pa.table({"item_id": [1, 2], "title": ["a", "b"], "image_bytes": [b"12", None]}), tmp_path / "i.parquet")
     rows = usable(read_catalog(str(tmp_path / "i.parquet")))
     assert [r["item_id"] for r in rows] == ["1", "2"] and rows[0]["image_bytes"] == b"12"
+    # the header decides whether the flow plans an image stage; JSONL lines may each carry one
+    assert open_catalog(str(tmp_path / "i.parquet")).has_images
+    assert not open_catalog(str(tmp_path / "items.csv")).has_images and not open_catalog("ml-100k").has_images
+    (tmp_path / "j.jsonl").write_text('{"item_id": "a", "title": "A"}\n')
+    assert open_catalog(str(tmp_path / "j.jsonl")).has_images
 
 
 def test_amazon2023_metadata(tmp_path):
