@@ -28,7 +28,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from featurestore import objectstore
-from featurestore.formats import BUILTIN, COMPRESSION_SUFFIXES, detect_format
+from featurestore.formats import BUILTIN, COMPRESSION_SUFFIXES, detect_format, first_line, open_binary
 from featurestore.raycluster import DATA_TASK_CPUS  # before Ray is imported
 from ray.data import Datasource
 from ray.data.block import BlockMetadata
@@ -158,7 +158,7 @@ def open_catalog(name: str, fmt: str = "auto", limit: int | None = None) -> Cata
     suffixes = {_format_suffix(f) for f in files}
     if fmt == "auto" and len(suffixes) > 1:
         raise CatalogError(f"catalog {name!r} mixes file types ({', '.join(sorted(suffixes))}); pass --format")
-    fmt = detect_format(files[0], fmt, CatalogError, first_line=lambda: _first_line(files[0]))
+    fmt = detect_format(files[0], fmt, CatalogError)
     source = CatalogSource(name, fmt, tuple(files), base, limit, tuple(objectstore.storage_options(name).items()))
     columns = None
     if fmt == "parquet":
@@ -182,22 +182,8 @@ def _format_suffix(path: str) -> str:
     return kept[-1] if kept else ""
 
 
-def _open_lines(path: str, source: CatalogSource | None = None):
-    """A binary stream over a file's lines, decompressed when its name ends in a compression suffix."""
-    fs, fs_path = source.filesystem(path) if source else _file_system(path)
-    compression = "detect" if path.lower().endswith(COMPRESSION_SUFFIXES) else None
-    return pa.input_stream(fs.open_input_stream(fs_path), compression=compression) if compression else \
-        fs.open_input_stream(fs_path)
-
-
-def _first_line(path: str) -> bytes:
-    with _open_lines(path) as f:
-        return io.BufferedReader(f).readline()
-
-
 def _csv_header(path: str) -> list[str]:
-    with _open_lines(path) as f:
-        return next(csv.reader([io.BufferedReader(f).readline().decode("utf-8", "replace")]), [])
+    return next(csv.reader([first_line(path).decode("utf-8", "replace")]), [])
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -253,7 +239,7 @@ def _line_blocks(source: CatalogSource, index: int):
     """Non-blank lines as raw bytes with their 1-based line numbers; the bytes are decoded by the parser, so an
     undecodable line is that line's reject, not the file's."""
     path, rows, raws = source.files[index], [], []
-    with _open_lines(path, source) as stream:
+    with open_binary(path, dict(source.storage_options) or None) as stream:
         for number, line in enumerate(io.BufferedReader(stream), start=1):
             if not line.strip():
                 continue
@@ -270,7 +256,7 @@ def _csv_blocks(source: CatalogSource, index: int):
     """CSV records (quoted line breaks kept) as JSON objects of header -> text, numbered by their first line; a
     record with the wrong field count or undecodable bytes carries its error instead."""
     path, rows, raws, errors = source.files[index], [], [], []
-    with _open_lines(path, source) as stream:
+    with open_binary(path, dict(source.storage_options) or None) as stream:
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(text)
         header = next(reader, [])

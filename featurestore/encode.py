@@ -125,8 +125,7 @@ class EncodeSummary:
         self.image_failures_transient += written["image_failures_transient"]
         for tag in written["nodes"]:
             stage, node = tag.split(":", 1)
-            if node not in self.actor_nodes.setdefault(stage, []):
-                self.actor_nodes[stage] = sorted([*self.actor_nodes[stage], node])
+            self.actor_nodes[stage] = sorted({*self.actor_nodes.get(stage, []), node})
         self.unchanged += written["unchanged"]
         self.rejected_whole += written["rejected"] + written["still_rejected"]
         self.input += written["rows"] + written["unchanged"] + written["still_rejected"]
@@ -310,29 +309,26 @@ def _usable_keys(block: pa.Table) -> pa.Table:
 def classify(block: pa.Table, source: CatalogSource) -> pa.Table:
     """Ray Data batch function over catalog rows joined with their id's first rank and stored hashes: WORK_SCHEMA
     rows (the ones to encode, the ones rejected whole) and one tally row for the rest."""
-    rows = block.select(["source", "row", "rank", "item_id", "reject", "content_hash", "first_rank", "stored_hash",
-                         "rejected_hash"]).to_pylist()
-    verdicts, reasons, unchanged, still_rejected = [], [], 0, 0
-    for r in rows:
-        verdict, reason = ENCODE, None
-        if r["reject"]:
-            verdict, reason = REJECT, r["reject"]
-        elif r["rank"] != r["first_rank"]:
-            verdict, reason = REJECT, f"item_id {r['item_id']!r} repeats {source.where(r['first_rank'])}"
-        elif r["stored_hash"] == r["content_hash"]:
-            verdict, unchanged = None, unchanged + 1
-        elif r["rejected_hash"] == r["content_hash"]:
-            verdict, still_rejected = None, still_rejected + 1
-        verdicts.append(verdict)
-        reasons.append(reason)
-    keep = pa.array([v is not None for v in verdicts])
-    work = block.filter(keep)
+    def flag(condition) -> np.ndarray:
+        return np.asarray(pc.fill_null(condition, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    rejected = flag(pc.is_valid(block.column("reject")))
+    repeated = ~rejected & flag(pc.not_equal(block.column("rank"), block.column("first_rank")))
+    usable = ~rejected & ~repeated
+    unchanged = usable & flag(pc.equal(block.column("stored_hash"), block.column("content_hash")))
+    still_rejected = usable & ~unchanged & flag(pc.equal(block.column("rejected_hash"), block.column("content_hash")))
+    keep = ~(unchanged | still_rejected)
+    reasons = block.column("reject").to_pylist()
+    ids, first_ranks = block.column("item_id").to_pylist(), block.column("first_rank").to_pylist()
+    for i in np.flatnonzero(repeated):  # rare: only their reasons are formatted row by row
+        reasons[i] = f"item_id {ids[i]!r} repeats {source.where(first_ranks[i])}"
+    work = block.filter(pa.array(keep))
     columns = {name: work.column(name) for name in WORK_SCHEMA.names[:8]}
-    columns["verdict"] = pa.array([v for v in verdicts if v is not None], pa.string())
-    columns["reason"] = pa.array([r for r, v in zip(reasons, verdicts) if v is not None], pa.string())
+    columns["verdict"] = pa.array(np.where(rejected | repeated, REJECT, ENCODE)[keep], pa.string())
+    columns["reason"] = pa.array([r for r, k in zip(reasons, keep) if k], pa.string())
     columns["n_unchanged"] = columns["n_still_rejected"] = pa.nulls(work.num_rows, pa.int64())
     tally = {name: [None] for name in WORK_SCHEMA.names}
-    tally.update(verdict=[TALLY], n_unchanged=[unchanged], n_still_rejected=[still_rejected])
+    tally.update(verdict=[TALLY], n_unchanged=[int(unchanged.sum())], n_still_rejected=[int(still_rejected.sum())])
     return pa.concat_tables([pa.Table.from_pydict(columns, schema=WORK_SCHEMA),
                              pa.Table.from_pydict(tally, schema=WORK_SCHEMA)])
 
@@ -448,10 +444,10 @@ class StagingTarget:
             "image_encoder_version": pa.array([image_version] * m, pa.string()),
             "encoded_at": pa.array([self.encoded_at] * m, pa.timestamp("us", tz="UTC")),
         }
-        counts = {"encoded": m, "image_failures": sum(r["stage"] == "image" for r in records),
+        image_failures = sum(r["stage"] == "image" for r in records)
+        counts = {"encoded": m, "image_failures": image_failures,
                   "image_failures_transient": int(sum(bool(t) for t, e, k in zip(transient, errors, keep) if e and k)),
-                  "rejected": len(records) - sum(r["stage"] == "image" for r in records),
-                  "rows": int(encode.sum() + (~encode).sum())}
+                  "rejected": len(records) - image_failures, "rows": n}
         return pa.Table.from_pydict(columns, schema=self.schema), store.rejects_table(records), counts
 
 
@@ -494,7 +490,7 @@ class EncodeJob:
                     f"write to another --table or drop this one"
                 )
 
-    def plan(self, source: CatalogSource):
+    def plan(self, source: CatalogSource, cluster_cpus: float):
         """The rows of the catalog as WORK_SCHEMA: read, parsed, text and hash added, and joined on item_id with
         the first rank of their id and the hashes stored in the table and its rejects.
 
@@ -508,7 +504,7 @@ class EncodeJob:
         rows = source.dataset().map_batches(
             prepare_rows, fn_args=(s.template, self.text_config.version, self.image_config.version),
             batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
-        partitions = max(2, int(ray_cluster_cpus()))
+        partitions = max(2, int(cluster_cpus))
         keys = rows.map_batches(_usable_keys, batch_size=None, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS).union(
             _keys(self.db, self.table_name, "content_hash", "stored_hash"),
             _keys(self.db, self.rejects_table, "content_hash", "rejected_hash", ("stage", "encode")))
@@ -534,7 +530,7 @@ class EncodeJob:
         # Blocks of a few batches: an actor pool hands out whole blocks, and a join's output blocks are whole
         # partitions, which one actor would encode alone. The repartition streams (no shuffle); its tasks get
         # DATA_TASK_CPUS like every task here.
-        ds = self.plan(source).repartition(target_num_rows_per_block=4 * s.batch_size)
+        ds = self.plan(source, resources.get("CPU", 1)).repartition(target_num_rows_per_block=4 * s.batch_size)
         if with_images:
             from featurestore.images import ImageLoader
 
@@ -679,12 +675,6 @@ class Phases:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def ray_cluster_cpus() -> float:
-    import ray
-
-    return ray.cluster_resources().get("CPU", 1)
 
 
 def ensure_indexes(table, min_rows: int = store.INDEX_MIN_ROWS) -> list[str]:

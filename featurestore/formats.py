@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,19 +48,29 @@ def _is_amazon2023(first_line: bytes) -> bool:
     return isinstance(first, dict) and "parent_asin" in first and "item_id" not in first
 
 
-def _local_first_line(source: str) -> bytes:
-    if not Path(source).is_file():
+def open_binary(path: str, options: dict | None = None):
+    """A binary stream over a local or object-store file (`objectstore.filesystem`, with `options` if given),
+    decompressed when its name ends in a compression suffix."""
+    from featurestore import objectstore
+
+    fs, fs_path = objectstore.filesystem(path if "://" in path else os.path.abspath(path), options)
+    stream = fs.open_input_stream(fs_path)
+    return pa.input_stream(stream, compression="detect") if path.lower().endswith(COMPRESSION_SUFFIXES) else stream
+
+
+def first_line(path: str) -> bytes:
+    """A file's first line; b"" for a path that is not a file."""
+    try:
+        with open_binary(path) as f:
+            return io.BufferedReader(f).readline()
+    except (FileNotFoundError, IsADirectoryError):
         return b""
-    with pa.input_stream(source, compression="detect") as f:
-        return io.BufferedReader(f).readline()
 
 
-def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] = ValueError,
-                  first_line=None) -> str:
+def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] = ValueError) -> str:
     """The format named, or the one the source's name (and, for JSONL, its first record) shows.
 
-    `error_type` is the reader's own error, so a bad format fails like any other bad source of that reader;
-    `first_line()` gives the source's first line where it is not a local file (an object-store URI).
+    `error_type` is the reader's own error, so a bad format fails like any other bad source of that reader.
     """
     if fmt not in FORMATS:
         raise error_type(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -72,6 +83,6 @@ def detect_format(source: str, fmt: str = "auto", error_type: type[ValueError] =
         raise error_type(f"cannot tell the format of {source!r} from its name ({', '.join(BY_SUFFIX)}, optionally "
                          f"{'/'.join(COMPRESSION_SUFFIXES)}); pass --format ({', '.join(FORMATS[1:])})")
     fmt = BY_SUFFIX[suffixes[-1]]
-    if fmt == "jsonl" and _is_amazon2023((first_line or (lambda: _local_first_line(source)))()):
+    if fmt == "jsonl" and _is_amazon2023(first_line(source)):
         return "amazon2023"
     return fmt

@@ -123,11 +123,16 @@ def _listed(db) -> list[str]:
     return list(getattr(result, "tables", result))
 
 
+def table_uri(db, name: str) -> str:
+    """Where table `name`'s Lance dataset lives: what Ray Data readers and Lance fragment writers are given."""
+    return f"{str(db.uri).rstrip('/')}/{name}.lance"
+
+
 def committed(db, name: str) -> bool:
     """Whether table `name`'s directory holds a committed version (a manifest in `_versions/`). A run killed while
     LanceDB created the table leaves a directory without one (a 0-byte `data/.tmp*` file): LanceDB lists it but
     cannot open it; the store treats it as absent, and the next create writes its first version into it."""
-    fs, path = objectstore.filesystem(f"{str(db.uri).rstrip('/')}/{name}.lance/_versions")
+    fs, path = objectstore.filesystem(f"{table_uri(db, name)}/_versions")
     listing = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return any(info.base_name.endswith(".manifest") for info in listing)
 
@@ -153,11 +158,6 @@ def read_columns(db, name: str, columns: list[str] | None = None, where: str | N
 def sql_string(value) -> str:
     """A string literal for a LanceDB filter."""
     return "'" + str(value).replace("'", "''") + "'"
-
-
-def table_uri(db, name: str) -> str:
-    """Where table `name`'s Lance dataset lives: what Ray Data readers and Lance fragment writers are given."""
-    return f"{str(db.uri).rstrip('/')}/{name}.lance"
 
 
 def upsert(db, name: str, data: pa.Table | pa.RecordBatchReader, key: str | list[str], replaces: str | None = None):
