@@ -7,7 +7,8 @@ resolves from the data (training.run.model_inputs), its leave-one-out examples
 batching, early stopping, full-ranking metrics), under bench/ml1m_results.py's protocol and defaults. Left
 out: Ray Data sharding, DDP, checkpoints and the runs table; it is one worker (the whole batch per step), and
 each epoch shuffles all rows where the flow shuffles within a buffer of 8 windows. Test metrics are
-reported under the run's mask_history (default: history items ranked) and with history masked.
+reported under the run's mask_history (default: history items ranked) and with history masked, and each test
+user's rank under both (`test_ranks`, keyed by user_key: the paired comparisons of bench/study_table.py).
 
     # here, from the store the flow builds (bench/ml1m_results.py's protocol options apply):
     python bench/ml1m_one_process.py export --out .device/ml1m.npz
@@ -124,12 +125,14 @@ def train_model(entry: dict, data, device: torch.device, overrides: dict, model_
         eval_windows=lambda split: windows(splits[split], EVAL_SORT_WINDOW * settings.eval_batch_size, None),
         batch_size=settings.batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    progress = Progress()
+    progress, test_ranks = Progress(), {}
     final = fit(model, LossModel(model), optimizer, grad_scaler(settings.precision, device), settings, epochs,
-                progress, weights_copy(model), Reporting(line=lambda line: print(f"{name}: {line}", flush=True)))
+                progress, weights_copy(model), Reporting(line=lambda line: print(f"{name}: {line}", flush=True),
+                                                         test_ranks=test_ranks.update))
     return {"settings": settings.to_dict(), "meta": {**entry["meta"], "model_config": dataclasses.asdict(config)},
             "n_parameters": sum(p.numel() for p in model.parameters()), "epochs": progress.epoch,
-            "model_config_changes": model_config, "history": progress.history, **final}
+            "model_config_changes": model_config, "history": progress.history, **final,
+            "test_ranks": {column: values.tolist() for column, values in test_ranks.items()}}
 
 
 def train(argv: list[str]) -> None:

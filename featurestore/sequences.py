@@ -13,6 +13,7 @@ table, counted in the build summary and left out of every split.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -213,7 +214,8 @@ def make_examples(rows, split: str, max_len: int, mode: str = "last", t0: int | 
     mode "all" = windows of up to max_len items over the training part with `target_seq`, every training
     target counted in exactly one window (see _windows; `stride` defaults to default_stride(max_len)).
     "valid": history = all but the last two, target = second to last. "test": history = all but the last,
-    target = last. `t0` defaults to the rows' `first_timestamp`.
+    target = last. `t0` defaults to the rows' `first_timestamp`. Test examples of rows with `user_id` carry
+    `user_key` (user_key_of), so per-user results of different runs pair.
     """
     if split not in SPLITS or mode not in MODES:
         raise ValueError(f"split must be one of {SPLITS} and mode one of {MODES}, got {split!r}, {mode!r}")
@@ -241,7 +243,25 @@ def make_examples(rows, split: str, max_len: int, mode: str = "last", t0: int | 
         batch[name][padding] = 0
     batch["seq_len"] = seq_len.astype(np.int64)
     batch["target"] = items[examples.hist_end]
+    if split == "test" and "user_id" in _columns(rows):
+        eligible = lengths >= MIN_INTERACTIONS  # the users _examples gave a test example, in order
+        batch["user_key"] = user_key_of(np.asarray(_column_values(rows["user_id"]), dtype=object)[eligible])
     return batch
+
+
+def user_key_of(user_ids) -> np.ndarray:
+    """(U,) int64 keys of user ids: the first 8 bytes of their BLAKE2b digest, the same in every run and process
+    (a collision needs ~4e9 users for even odds)."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(user).encode(), digest_size=8).digest(), "little",
+                                    signed=True) for user in user_ids], dtype=np.int64)
+
+
+def _columns(rows) -> list[str]:
+    return list(rows.column_names) if isinstance(rows, pa.Table) else list(rows)
+
+
+def _column_values(column) -> list:
+    return column.to_pylist() if isinstance(column, (pa.ChunkedArray, pa.Array)) else list(column)
 
 
 def max_gap_s(rows, split: str = "train") -> int:

@@ -11,6 +11,9 @@ frozen item features. A shared position table is added to every stream. Then, pe
      plain Python list, so they are never trained nor moved with the model.
   3. one Transformer encoder per stream on Dropout(LayerNorm_m(stream_m)); user state h_m at the
      last valid position; score y = sum_m h_m . C_m(v), C = (id embedding, projected features).
+  0 experts removes a MoE (the ablations): n_interactive_experts=0 applies no update, n_temporal_experts=0 no
+  rescale, and neither has parameters then (one expert is still a learned update or rescale). tau stays
+  while PCL's placeholders need it.
 Auxiliary losses (each weight 0 switches it off and skips its computation):
   * cp   - BCE of Linear(M*d, C) on every valid history item's raw representation vs its
            multi-hot categories (per item, as in the authors' code);
@@ -52,8 +55,8 @@ def n_intervals_for(max_interval_s: float, interval_scale: float = 100.0) -> int
 class HM4SRConfig(EncoderConfig):
     modalities: tuple[str, ...] = field(default=MODALITIES, metadata={
         "from_data": "unless_given", "shown_default": "id plus the feature modalities the items have"})
-    n_interactive_experts: int = 4
-    n_temporal_experts: int = 4
+    n_interactive_experts: int = 4  # 0: no interactive MoE
+    n_temporal_experts: int = 4  # 0: no temporal MoE
     time_scale_s: float = 86400.0  # absolute time enters the cosine embedding in days
     interval_scale: float = 100.0  # s in floor(s * log2(gap_seconds + 1))
     # the data sets it from its largest gap; the default covers 68 years
@@ -76,6 +79,8 @@ class HM4SRConfig(EncoderConfig):
             raise ValueError("idcl_weight > 0 needs the 'id' modality; set idcl_weight=0")
         if self.pcl_weight and not set(FEATURE_MODALITIES) & set(self.modalities):
             raise ValueError("pcl_weight > 0 needs a 'text' or 'image' modality; set pcl_weight=0")
+        if min(self.n_interactive_experts, self.n_temporal_experts) < 0:
+            raise ValueError("n_interactive_experts and n_temporal_experts must be >= 0 (0: that MoE is off)")
         if min(self.cp_weight, self.idcl_weight, self.pcl_weight) < 0 or not 0 <= self.pcl_ratio < 1:
             raise ValueError("auxiliary weights must be >= 0 and pcl_ratio in [0, 1)")
 
@@ -125,7 +130,7 @@ def sample_placeholder_positions(valid: torch.Tensor, ratio: float) -> torch.Ten
 class Encoded(NamedTuple):
     states: torch.Tensor  # (B, L, M*d) encoder outputs, streams concatenated
     streams: torch.Tensor  # (B, L, M, d) encoder inputs (after both MoEs, before LayerNorm)
-    time_context: torch.Tensor  # (B, L, 2d) tau
+    time_context: torch.Tensor | None  # (B, L, 2d) tau; None when neither the temporal MoE nor PCL uses it
     valid: torch.Tensor  # (B, L) bool
     mask: torch.Tensor  # (B, 1, L, L) attention mask
 
@@ -152,17 +157,21 @@ class HM4SR(SequentialRecommender):
 
         # interactive MoE: K dense experts stacked in one Linear; one gate Linear(d, K) per stream
         k_interactive = c.n_interactive_experts
-        self.interactive_experts = nn.Linear(width, k_interactive * width)
-        self.stream_gate_weight = nn.Parameter(torch.empty(n_streams, d, k_interactive))
-        self.stream_gate_bias = nn.Parameter(torch.zeros(n_streams, k_interactive))
-        self.stream_update_weight = nn.Parameter(torch.tensor([0.0 if m == "id" else 1.0 for m in c.modalities]))
+        if k_interactive:
+            self.interactive_experts = nn.Linear(width, k_interactive * width)
+            self.stream_gate_weight = nn.Parameter(torch.empty(n_streams, d, k_interactive))
+            self.stream_gate_bias = nn.Parameter(torch.zeros(n_streams, k_interactive))
+            self.stream_update_weight = nn.Parameter(torch.tensor([0.0 if m == "id" else 1.0 for m in c.modalities]))
 
-        # temporal MoE
-        self.absolute_time = nn.Linear(1, d)  # a * t + b
-        self.register_buffer("time_frequencies", 10000.0 ** (-torch.arange(d) / d), persistent=False)
-        self.interval_embedding = nn.Embedding(c.n_intervals, d)
-        self.temporal_gate = nn.Linear(2 * d, c.n_temporal_experts)
-        self.temporal_experts = nn.Parameter(torch.empty(c.n_temporal_experts, width))  # u_k, trained
+        # tau, the time context: the temporal MoE's router input and PCL's placeholders' source
+        self.uses_time = bool(c.n_temporal_experts or c.pcl_weight)
+        if self.uses_time:
+            self.absolute_time = nn.Linear(1, d)  # a * t + b
+            self.register_buffer("time_frequencies", 10000.0 ** (-torch.arange(d) / d), persistent=False)
+            self.interval_embedding = nn.Embedding(c.n_intervals, d)
+        if c.n_temporal_experts:  # temporal MoE
+            self.temporal_gate = nn.Linear(2 * d, c.n_temporal_experts)
+            self.temporal_experts = nn.Parameter(torch.empty(c.n_temporal_experts, width))  # u_k, trained
 
         self.encoders = nn.ModuleList(TransformerEncoder(c) for _ in c.modalities)
 
@@ -177,8 +186,10 @@ class HM4SR(SequentialRecommender):
             self.placeholder_bias = nn.Parameter(torch.zeros(len(self.placeholder_streams), d))
 
         self.apply(partial(init_weights, std=c.init_std))
-        nn.init.normal_(self.stream_gate_weight, std=c.init_std)
-        nn.init.normal_(self.temporal_experts, std=c.temporal_expert_std)
+        if k_interactive:
+            nn.init.normal_(self.stream_gate_weight, std=c.init_std)
+        if c.n_temporal_experts:
+            nn.init.normal_(self.temporal_experts, std=c.temporal_expert_std)
         if c.pcl_weight:
             nn.init.normal_(self.placeholder_weight, std=c.init_std)
 
@@ -200,9 +211,11 @@ class HM4SR(SequentialRecommender):
         n_streams = len(self.config.modalities)
         positions = self.position_embedding(position_ids(valid))  # (B, L, d)
         streams = items[item_seq].unflatten(-1, (n_streams, -1)) + positions.unsqueeze(2)  # (B, L, M, d)
-        streams = streams + self._interactive_update(streams)
-        time_context = self._time_context(batch["time_seq"], valid)  # (B, L, 2d)
-        streams = self._temporal_rescale(streams, time_context)
+        if self.config.n_interactive_experts:
+            streams = streams + self._interactive_update(streams)
+        time_context = self._time_context(batch["time_seq"], valid) if self.uses_time else None  # (B, L, 2d)
+        if self.config.n_temporal_experts:
+            streams = self._temporal_rescale(streams, time_context)
         mask = attention_mask(valid)
         states = self._encode_streams(streams, mask, range(n_streams))
         return Encoded(states, streams, time_context, valid, mask)

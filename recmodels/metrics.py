@@ -45,13 +45,25 @@ def full_ranking_metrics(scores: torch.Tensor, target: torch.Tensor, ks: Iterabl
     scores (B, N+1); target (B,); history (B, L) item ids with 0 = padding, used only with
     mask_history=True: history items other than the target then score -inf.
     """
+    return rank_sums(*target_ranks(scores, target, history, mask_history), ks)
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor, history: torch.Tensor | None = None,
+                 mask_history: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) 0-based rank of each row's target (N for a non-finite row: a miss at every K) and (B,) bool
+    non-finite rows; mask_history as in full_ranking_metrics."""
     nonfinite = nonfinite_rows(scores, target)  # on the model's scores, before masking sets -inf
     if mask_history:
         if history is None:
             raise ValueError("mask_history=True needs the history item ids")
         target_score = scores.gather(1, target[:, None])
         scores = scores.scatter(1, history, float("-inf")).scatter(1, target[:, None], target_score)
-    rank = rank_of_target(scores, target, miss=nonfinite).double()  # (B,)
+    return rank_of_target(scores, target, miss=nonfinite), nonfinite
+
+
+def rank_sums(rank: torch.Tensor, nonfinite: torch.Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+    """The sums full_ranking_metrics returns, from target_ranks' ranks."""
+    rank = rank.double()
     names, values = [], []
     for k in ks:  # a handful of cut-offs; one device sync at the end
         hit = (rank < k).double()
@@ -60,7 +72,7 @@ def full_ranking_metrics(scores: torch.Tensor, target: torch.Tensor, ks: Iterabl
     names.append("nonfinite_rows")
     values.append(nonfinite.sum().double())
     sums = dict(zip(names, torch.stack(values).tolist()))
-    sums["count"] = float(target.shape[0])
+    sums["count"] = float(rank.shape[0])
     return sums
 
 

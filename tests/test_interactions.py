@@ -22,6 +22,7 @@ from featurestore.sequences import (
     max_gap_s,
     read_sequences,
     split_counts,
+    user_key_of,
 )
 from recmodels.hm4sr import n_intervals_for
 
@@ -387,6 +388,10 @@ def test_make_examples_valid_and_test_keep_the_most_recent_items():
     assert valid["item_seq"].tolist() == [[2, 3, 4]] and valid["target"].tolist() == [5]
     assert test["item_seq"].tolist() == [[3, 4, 5]] and test["target"].tolist() == [6]
     assert test["time_seq"].tolist() == [[1020, 1030, 1040]]
+    # test examples name their user by a key that does not depend on the batch (runs pair by it); only test
+    assert test["user_key"].tolist() == user_key_of(["u"]).tolist() and "user_key" not in valid
+    assert user_key_of(["u", "v", "u"]).tolist()[0] == user_key_of(["u"]).tolist()[0] != user_key_of(["v"]).tolist()[0]
+    assert user_key_of(["u"]).dtype == np.int64
     assert split_counts(pa.table(HAND), 3) == {
         "train_examples_last": 3, "train_examples_all": 1, "valid_examples": 1, "test_examples": 1,
         "test_histories_truncated": 1,

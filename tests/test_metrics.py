@@ -103,3 +103,29 @@ def test_masked_history_is_not_a_non_finite_row_but_a_nan_history_item_is():
     sums = full_ranking_metrics(scores, target, ks=(1,), history=history, mask_history=True)
     assert sums["nonfinite_rows"] == 1  # row 2's NaN is found before masking turns it into -inf
     assert sums["hr@1"] == 1  # row 1: both items above the target are history
+
+
+def test_one_scoring_pass_gives_each_protocols_sums_and_every_rows_rank():
+    from training.evaluate import protocol_sums, ranking_sums
+
+    class Fixed:  # a "model" whose scores are the batch's own
+        def eval(self):
+            return self
+
+        def score_all(self, batch):
+            return batch["scores"]
+
+    torch.manual_seed(0)
+    scores = torch.randn(12, 9)
+    scores[:, 0] = float("-inf")
+    target, history = torch.randint(1, 9, (12,)), torch.randint(0, 9, (12, 4))
+    batches = [{"scores": scores[i:i + 5], "target": target[i:i + 5], "item_seq": history[i:i + 5],
+                "user_key": torch.arange(i, min(i + 5, 12))} for i in range(0, 12, 5)]
+    (ranked, masked), ranks = protocol_sums(Fixed(), batches, (1, 5), (False, True), keep_ranks=True)
+    assert ranked == ranking_sums(Fixed(), batches, (1, 5)) and masked == ranking_sums(Fixed(), batches, (1, 5), True)
+    assert ranks["user_key"].tolist() == list(range(12))
+    for i, batch in enumerate(batches):
+        rows = slice(5 * i, 5 * i + len(batch["target"]))
+        assert ranks["rank_0"][rows].tolist() == rank_of_target(batch["scores"], batch["target"]).tolist()
+    assert (ranks["rank_1"] <= ranks["rank_0"]).all() and (ranks["rank_1"] < ranks["rank_0"]).any()
+    assert ranked["hr@5"] == float((ranks["rank_0"] < 5).sum())

@@ -312,6 +312,41 @@ def test_fame_ablations_drop_router_and_gate():
     assert build("fame-H1-mos").facet_gate is None
 
 
+INTERACTIVE_MOE = {"interactive_experts.weight", "interactive_experts.bias", "stream_gate_weight", "stream_gate_bias",
+                   "stream_update_weight"}
+TEMPORAL_MOE = {"temporal_gate.weight", "temporal_gate.bias", "temporal_experts"}
+TIME_CONTEXT = {"absolute_time.weight", "absolute_time.bias", "interval_embedding.weight"}
+
+
+@pytest.mark.parametrize("off, removed", [
+    ({"n_interactive_experts": 0}, INTERACTIVE_MOE),
+    ({"n_temporal_experts": 0}, TEMPORAL_MOE),  # tau stays: PCL's placeholders read it
+    ({"n_temporal_experts": 0, "pcl_weight": 0.0}, TEMPORAL_MOE | TIME_CONTEXT | {"placeholder_weight",
+                                                                                "placeholder_bias"}),
+])
+def test_hm4sr_zero_experts_remove_that_moe_and_its_parameters(off, removed):
+    full, ablated = build("hm4sr"), build("hm4sr", **off)
+    names = set(dict(full.named_parameters()))
+    assert removed <= names and set(dict(ablated.named_parameters())) == names - removed
+    batch = make_batch(batch_size=16)
+    total, _ = ablated.train().loss(batch)
+    total.backward()  # what is left still trains, every parameter of it
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ablated.parameters())
+    with torch.no_grad():  # and the stage is gone from the forward pass: no update / rescale applied
+        assert torch.isfinite(ablated.eval().score_all(batch)[:, 1:]).all()
+
+
+def test_hm4sr_without_either_moe_encodes_the_streams_as_given():
+    model = build("hm4sr", n_interactive_experts=0, n_temporal_experts=0).eval()
+    batch = make_batch()
+    streams = model._encode(batch, model.item_representations()).streams
+    positions = model.position_embedding(base.position_ids(batch["item_seq"] > 0))
+    expected = model.item_representations()[batch["item_seq"]].unflatten(-1, (3, -1)) + positions.unsqueeze(2)
+    torch.testing.assert_close(streams, expected)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        HM4SRConfig(n_temporal_experts=-1)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def test_interval_index_ignores_padding_side_and_clamps():

@@ -22,7 +22,8 @@ from featurestore.sequences import make_examples, read_sequences, split_counts
 from recmodels import create_model
 from training import TrainConfig, checkpoint, records, run_training
 from training.checkpoint import Progress
-from training.evaluate import numpy_batches, prefixed_means, ranking_sums
+from training.evaluate import numpy_batches, prefixed_means, protocol_sums, ranking_sums
+from training.run import RunDir
 from training.resources import DATA_CPU_RESERVE, ResourcePlanError, plan_workers
 from training.steps import epoch_line, length_sorted_batches
 
@@ -304,6 +305,24 @@ def test_checkpoint_reloads_to_the_scores_the_workers_reported(sasrec_run, ml100
 
 
 @pytest.mark.slow
+def test_each_test_user_has_a_rank_per_protocol_that_the_reported_metrics_follow_from(sasrec_run, ml100k):
+    result = sasrec_run
+    ranks = RunDir(str(Path(result.run_dir).parent), result.run_id).read_test_ranks(2).to_pydict()
+    examples = make_examples(read_sequences(ml100k), "test", 50)
+    assert sorted(ranks["user_key"]) == sorted(examples["user_key"]) and len(set(ranks["user_key"])) == 943
+    for column, prefix in (("rank", "test"), ("rank_masked", "test_masked")):
+        rank = np.asarray(ranks[column], dtype=np.float64)
+        assert np.mean((rank < 10) / np.log2(rank + 2)) == pytest.approx(result.test[f"{prefix}_ndcg@10"], rel=1e-9)
+        assert np.mean(rank < 20) == pytest.approx(result.test[f"{prefix}_hr@20"], rel=1e-9)
+    # the same users' ranks as one process scoring them with the checkpoint's best weights
+    model = checkpoint.load_model(result.checkpoint, None)
+    _, alone = protocol_sums(model, numpy_batches(examples, 256), (10,), (False, True), keep_ranks=True)
+    by_user = dict(zip(ranks["user_key"], zip(ranks["rank"], ranks["rank_masked"])))
+    assert [by_user[key] for key in alone["user_key"].tolist()] == list(zip(alone["rank_0"].tolist(),
+                                                                            alone["rank_1"].tolist()))
+
+
+@pytest.mark.slow
 def test_the_run_is_recorded_with_versions_timing_and_a_plot(sasrec_run, ml100k):
     run = records.read_runs(ml100k).set_index("run_id").loc["sasrec-short"]
     assert (run.status, run.model, run.epochs_run, run.num_workers, run.n_items) == ("finished", "sasrec", 2, 2, 1682)
@@ -478,3 +497,4 @@ def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_install
         losses = [m["loss"] for m in result["history"]]
         assert losses[2] < losses[1] < losses[0]
         assert result["test_masked_hr@10"] >= result["test_hr@10"]  # masking seen items can only help here
+        assert len(result["test_ranks"]["user_key"]) == len(set(result["test_ranks"]["user_key"])) == 943

@@ -24,7 +24,7 @@ WRITTEN_BY = {
     store.INTERACTIONS: "flows/import_interactions.py",
     SEQUENCES: "flows/import_interactions.py",
 }
-SEQUENCE_COLUMNS = ["item_idx", "timestamps", "first_timestamp"]
+SEQUENCE_COLUMNS = ["user_id", "item_idx", "timestamps", "first_timestamp"]  # user_id: test examples' user_key
 BLOCK_BYTES = 32 * 1024**2  # target size of a block of examples
 EXAMPLE_BYTES_PER_POSITION = 3 * 8  # item_seq, time_seq (, target_seq): int64 per history position
 BLOCKS_PER_WORKER = 4

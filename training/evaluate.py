@@ -6,14 +6,14 @@ however the rows were shared out (a worker with no rows contributes zeros).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from recmodels import SequentialRecommender
-from recmodels.metrics import finalize, full_ranking_metrics
+from recmodels.metrics import finalize, full_ranking_metrics, rank_sums, target_ranks
 
 
 def zero_sums(ks: Iterable[int]) -> dict[str, float]:
@@ -25,15 +25,32 @@ def zero_sums(ks: Iterable[int]) -> dict[str, float]:
 def ranking_sums(model: SequentialRecommender, batches: Iterable[Mapping[str, torch.Tensor]],
                  ks: Iterable[int], mask_history: bool = False) -> dict[str, float]:
     """Sums of HR/NDCG/MRR@ks (and "count") over the batches, every item a candidate."""
+    return protocol_sums(model, batches, ks, (mask_history,))[0][0]
+
+
+@torch.no_grad()
+def protocol_sums(model: SequentialRecommender, batches: Iterable[Mapping[str, torch.Tensor]], ks: Iterable[int],
+                  masks: Sequence[bool], keep_ranks: bool = False) -> tuple[list[dict[str, float]], dict | None]:
+    """ranking_sums under each mask_history value of `masks`, every batch scored once; with keep_ranks also
+    every row's "user_key" and its target's 0-based rank under each protocol ("rank_<i>" for masks[i]), numpy
+    arrays in the order scored (the batches must carry user_key)."""
     model.eval()
     ks = tuple(ks)
-    sums = zero_sums(ks)
+    sums = [zero_sums(ks) for _ in masks]
+    kept: dict[str, list] = {"user_key": [], **{f"rank_{i}": [] for i in range(len(masks))}} if keep_ranks else {}
     for batch in batches:
-        batch_sums = full_ranking_metrics(model.score_all(batch), batch["target"], ks,
-                                          history=batch["item_seq"], mask_history=mask_history)
-        for name, value in batch_sums.items():
-            sums[name] += value
-    return sums
+        scores = model.score_all(batch)
+        for i, mask_history in enumerate(masks):
+            rank, nonfinite = target_ranks(scores, batch["target"], batch["item_seq"], mask_history)
+            for name, value in rank_sums(rank, nonfinite, ks).items():
+                sums[i][name] += value
+            if keep_ranks:
+                kept[f"rank_{i}"].append(rank.to("cpu", torch.int32).numpy())
+        if keep_ranks:
+            kept["user_key"].append(batch["user_key"].cpu().numpy())
+    ranks = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64 if name == "user_key" else np.int32)
+             for name, parts in kept.items()} if keep_ranks else None
+    return sums, ranks
 
 
 def all_reduce_sums(sums: Mapping[str, float], device: torch.device | str = "cpu") -> dict[str, float]:

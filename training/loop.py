@@ -2,6 +2,7 @@
 
 `train_loop(config)` takes one dict (built by training.run.worker_config, no argparse):
     settings      TrainConfig.to_dict()
+    run_dir       training.run.RunDir of the run (the driver's file system): the workers write their test ranks there
     meta          model name, resolved model config, n_items, feature dims (also saved in checkpoints)
     features      object ref of the frozen item feature matrices, or None: fetched once per worker
     threads       torch intra-op threads for this worker
@@ -63,7 +64,10 @@ def train_loop(config: dict) -> dict:
     def epoch_done(metrics: dict, progress: Progress, best_weights: dict) -> None:
         report(metrics | clock, progress, model, optimizer, best_weights, meta, rank)
 
-    reporting = Reporting(line=write_line, epoch_done=epoch_done,
+    def test_ranks(columns: dict) -> None:
+        config["run_dir"].write_test_ranks(columns, rank, ray.train.get_context().get_world_size())
+
+    reporting = Reporting(line=write_line, epoch_done=epoch_done, test_ranks=test_ranks,
                           step_hook=lambda epoch: failure_injector(settings.fail_at, epoch, rank))
     final = fit(model, trainer_model, optimizer, scaler, settings, shard_data(settings, config["batch_size"], rank),
                 progress, best_weights, reporting)

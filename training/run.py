@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs
+import pyarrow.parquet as pq
 
 from featurestore import objectstore, store
 from featurestore.raycluster import ensure_ray
@@ -42,6 +44,7 @@ SETTINGS_FILE = "train_config.json"
 # this many attempts the run fails with Ray's WorkerGroupStartupTimeoutError instead.
 WORKER_GROUP_START_ATTEMPTS = 5
 PLOT_FILE = "learning_curves.png"
+TEST_RANKS = "test_ranks"  # the folder of the workers' per-user test ranks
 WORKER_NODES = "worker_nodes"  # the key of the workers' node ids in rank 0's result
 
 
@@ -68,10 +71,28 @@ class RunDir:
             return stream.read().decode()
 
     def write_bytes(self, filename: str, data: bytes) -> str:
-        self.fs.create_dir(self.path, recursive=True)
+        self.fs.create_dir(f"{self.path}/{filename}".rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(f"{self.path}/{filename}") as stream:
             stream.write(data)
         return f"{self.uri}/{filename}"
+
+    def write_test_ranks(self, columns: dict[str, np.ndarray], rank: int, world_size: int) -> str:
+        """A worker's per-user test ranks (training.steps.test_rank_columns) as its own Parquet file: the
+        workers write their shares side by side, no gather. Under a folder per world size, so a run resumed
+        with fewer workers leaves no stale shares among its files."""
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.table(columns), buffer)
+        return self.write_bytes(f"{TEST_RANKS}/{world_size}-workers/worker-{rank:05d}.parquet",
+                                buffer.getvalue().to_pybytes())
+
+    def read_test_ranks(self, world_size: int) -> pa.Table:
+        """The run's per-user test ranks (user_key, rank, rank_masked), every worker's share, sorted by user_key."""
+        folder = f"{self.path}/{TEST_RANKS}/{world_size}-workers"
+        files = sorted(info.path for info in self.fs.get_file_info(pyarrow.fs.FileSelector(folder))
+                       if info.path.endswith(".parquet"))
+        if len(files) != world_size:
+            raise FileNotFoundError(f"{self.uri}: {len(files)} of {world_size} workers' test ranks in {folder}")
+        return pa.concat_tables(pq.read_table(path, filesystem=self.fs) for path in files).sort_by("user_key")
 
     def latest_checkpoint(self):
         """Ray Train's latest committed checkpoint of the run, or None."""
@@ -224,12 +245,13 @@ def resumed_meta(run_dir: RunDir, meta: dict, features: dict | None, n_items: in
     return {**meta, "model_config": saved["model_config"]}
 
 
-def worker_config(settings: TrainConfig, plan: WorkerPlan, meta: dict, features: dict | None,
+def worker_config(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, meta: dict, features: dict | None,
                   run_started_at: float) -> dict:
-    """train_loop's config: the features travel once through the object store, not with every worker's config."""
+    """train_loop's config: the features travel once through the object store, not with every worker's config;
+    the run directory with the driver's file system (a worker's environment may lack the storage's settings)."""
     import ray
 
-    return {"settings": settings.to_dict(), "meta": meta, "threads": plan.threads_per_worker,
+    return {"settings": settings.to_dict(), "run_dir": run_dir, "meta": meta, "threads": plan.threads_per_worker,
             "features": None if features is None else ray.put(features),
             "batch_size": -(-settings.batch_size // settings.num_workers),
             "clock": {"run_started_at": run_started_at, "trainer_built_at": time.time()}}
@@ -254,7 +276,7 @@ def build_trainer(settings: TrainConfig, run_dir: RunDir, plan: WorkerPlan, snap
     datasets = example_datasets(snapshot, settings.max_len, settings.train_mode, settings.num_workers, settings.stride,
                                 shared_splits)
     return TorchTrainer(train_loop_on_nodes,
-                        train_loop_config=worker_config(settings, plan, meta, features, run_started_at),
+                        train_loop_config=worker_config(settings, run_dir, plan, meta, features, run_started_at),
                         scaling_config=plan.scaling_config(settings.placement_strategy), run_config=run_config,
                         dataset_config=data_config(), datasets=datasets)
 

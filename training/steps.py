@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from recmodels import SequentialRecommender
 from recmodels.base import trim_padding
 from training.checkpoint import Progress
 from training.config import TrainConfig
-from training.evaluate import prefixed_means, ranking_sums
+from training.evaluate import prefixed_means, protocol_sums, ranking_sums
 from training.precision import autocast
 
 EVAL_SORT_WINDOW = 8  # evaluation rows are sorted by length within this many batches (metrics do not change)
@@ -46,11 +47,13 @@ class EpochData:
 @dataclass
 class Reporting:
     """What `fit` tells its caller: each epoch's line (rank 0), each epoch's metrics and state (Ray: with a
-    checkpoint), and a hook before every training step (tests inject failures there)."""
+    checkpoint), a hook before every training step (tests inject failures there), and this worker's per-user
+    test ranks (test_rank_columns: user_key, rank with history items ranked, rank_masked)."""
 
     line: Callable[[str], None] = print
     epoch_done: Callable[[dict, Progress, dict], None] = lambda metrics, progress, best_weights: None
     step_hook: Callable[[int], Callable[[int], None]] = lambda epoch: (lambda step: None)
+    test_ranks: Callable[[dict[str, np.ndarray]], None] = lambda ranks: None
 
 
 def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -61,7 +64,8 @@ def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch
     `trainer_model` is what the optimizer steps through (LossModel(model), DDP-wrapped under Ray Train);
     `progress` and `best_weights` are a fresh start's or a restored checkpoint's. Returns the final metrics:
     the stop, the best validation value, and test metrics under the run's mask_history ("test_...") and
-    with history items masked ("test_masked_...").
+    with history items masked ("test_masked_..."), both from one scoring pass that also hands
+    reporting.test_ranks this worker's per-user ranks (paired comparisons of runs need them).
     """
     while not progress.finished:
         epoch = progress.epoch + 1
@@ -79,12 +83,19 @@ def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch
         reporting.epoch_done(metrics, progress, best_weights)
     model.load_state_dict(best_weights)
     scoring_started_at = time.time()
-    test = evaluate(model, data, "test", "test", settings, settings.mask_history)
-    masked = ({f"test_masked_{k[5:]}": v for k, v in test.items()} if settings.mask_history
-              else evaluate(model, data, "test", "test_masked", settings, mask_history=True))
+    batches = length_sorted_batches(data.eval_windows("test"), settings.eval_batch_size, shuffle=False)
+    (ranked, masked), ranks = protocol_sums(model, batches, settings.ks, (False, True), keep_ranks=True)
+    reporting.test_ranks(test_rank_columns(ranks))
+    test = prefixed_means(data.reduce(masked if settings.mask_history else ranked), "test")
+    masked = prefixed_means(data.reduce(masked), "test_masked")
     return {"epoch": progress.epoch, "best_epoch": progress.best_epoch, settings.monitor_key: progress.best_value,
             "stop_reason": progress.stop_reason, **test, **masked, "scoring_started_at": scoring_started_at,
             "scoring_s": time.time() - scoring_started_at}
+
+
+def test_rank_columns(ranks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """protocol_sums' ranks of masks (False, True) under the names a run's test_ranks files use."""
+    return {"user_key": ranks["user_key"], "rank": ranks["rank_0"], "rank_masked": ranks["rank_1"]}
 
 
 def train_and_validate(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
