@@ -85,6 +85,15 @@ def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_pat
         ("a", "2", "finished"), ("a", "3", "finished"), ("b", "1", "finished")]
 
 
+def test_an_interrupted_sweep_is_told_apart_from_a_finished_one_by_the_trials_tune_left_running():
+    from tuning.records import unfinished_trials
+
+    finished = [{"trial_id": "a", "tune_status": "TERMINATED"}, {"trial_id": "b", "tune_status": "ERROR"}]
+    assert unfinished_trials(finished) == []
+    assert unfinished_trials(finished + [{"trial_id": "c", "tune_status": "RUNNING"},
+                                         {"trial_id": "d", "tune_status": "PENDING"}]) == ["c", "d"]
+
+
 def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):
     import matplotlib.pyplot as plt
 

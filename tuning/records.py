@@ -79,6 +79,7 @@ def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: d
             "table_versions": json.dumps(versions), "recorded_at": now(), "curve": monitored,
             "reported_at": float(result.get("timestamp") or 0.0), "params": trial.config,
             "started_at": float(result.get("timestamp") or 0.0) - float(result.get("time_total_s") or 0.0),
+            "tune_status": trial.status,
         })
     return records
 
@@ -194,8 +195,17 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     scored = [r for r in records if r["best_value"] is not None]
     best = max(scored, key=lambda r: r["best_value"]) if scored else None
     final = None
-    if best is not None and sweep.final_seeds:
+    unfinished = unfinished_trials(records)
+    if unfinished:  # interrupted (Ctrl-C): the best so far is not the sweep's best, so no final seeds yet
+        print(f"sweep {name} interrupted with {len(unfinished)} trial(s) unfinished; continue it with "
+              f"--sweep-resume --sweep-name {name}", flush=True)
+    elif best is not None and sweep.final_seeds:
         final = final_seeds(best, trial_base, space, sweep.final_seeds, name, splits)
         files.append(run_dir.write_bytes("final_seeds.json", json.dumps(final, indent=1).encode()))
     return SweepResult(name=name, path=run_dir.uri, leaderboard=board, best=best, final=final, files=files,
-                       wall_time_s=wall_s)
+                       wall_time_s=wall_s, unfinished=len(unfinished))
+
+
+def unfinished_trials(records: list[dict]) -> list[str]:
+    """The ids of trials Tune left running or pending: the sweep was interrupted, --sweep-resume runs them."""
+    return [r["trial_id"] for r in records if r["tune_status"] not in ("TERMINATED", "ERROR")]

@@ -276,8 +276,10 @@ class SweepResult:
     final: dict | None  # the final seeds' mean and std test metrics
     files: list[str]
     wall_time_s: float
+    unfinished: int = 0  # trials an interruption left running or pending (then there are no final seeds yet)
 
     def lines(self) -> list[str]:
+        state = f", interrupted with {self.unfinished} trial(s) unfinished" if self.unfinished else ""
         return [self.leaderboard, *(f"wrote {path}" for path in self.files),
-                f"sweep {self.name}: {self.wall_time_s:.0f} s"]
+                f"sweep {self.name}: {self.wall_time_s:.0f} s{state}"]
 
