@@ -179,6 +179,15 @@ def upsert(db, name: str, data: pa.Table | pa.RecordBatchReader, key: str | list
     return table
 
 
+def add_missing_fields(db, name: str, schema: pa.Schema) -> None:
+    """Give table `name` (if it exists) the fields of `schema` it lacks, null in its rows: a record table written
+    before a field existed takes rows that have it."""
+    table = open_table(db, name, required=False)
+    missing = [] if table is None else [field for field in schema if field.name not in table.schema.names]
+    if missing:
+        table.add_columns(missing)
+
+
 def delete_matching(table, keys: pa.RecordBatchReader, on: list[str]) -> None:
     """Delete the rows of `table` whose `on` columns equal a row of `keys` (a stream), in one commit."""
     table.to_lance().merge_insert(on).when_matched_delete().execute(keys)

@@ -20,22 +20,6 @@ def train_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     return parser, cli.add_train_arguments(parser)
 
 
-def argv_for(values: dict) -> list[str]:
-    """The command line that sets `values` (field name -> value)."""
-    argv = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False:  # a switch that is on by default
-            argv.append("--no-" + name.replace("_", "-"))
-        elif isinstance(value, (tuple, list)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def test_every_train_setting_and_model_hyper_parameter_has_a_flag_with_help():
     parser, dests = train_parser()
     settings = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_FLAGS]
@@ -65,11 +49,24 @@ def test_every_train_setting_round_trips_through_its_flag():
     assert set(given) == {f.name for f in dataclasses.fields(TrainConfig)} - NOT_FLAGS
     assert all(value != getattr(defaults, name) for name, value in given.items())  # each flag changes something
     parser, dests = train_parser()
-    settings = cli.settings_from(parser.parse_args(argv_for(given)), dests)
+    settings = cli.settings_from(parser.parse_args(cli.argv_from(given)), dests)  # the flags for records
     assert {name: type(value) for name, value in settings.items()} \
         == {name: list if name == "ks" else type(value) for name, value in given.items()}
     config = TrainConfig.from_dict(settings)
     assert {name: getattr(config, name) for name in given} == given
+
+
+def test_a_runs_settings_become_the_flags_that_give_them_back():
+    parser, dests = train_parser()
+    settings = {"model": "hm4sr", "seed": 3, "ks": [5, 10, 20, 50], "save_item_vectors": False, "window_stride": None,
+                "model_config": {"modalities": ["id", "text"], "n_temporal_experts": 0, "pcl_ratio": 0.25}}
+    argv = cli.argv_from(settings)
+    assert argv == ["--model", "hm4sr", "--seed", "3", "--no-save-item-vectors", "--modalities", "id", "text",
+                    "--n-temporal-experts", "0", "--pcl-ratio", "0.25"]  # defaults (ks, stride) left out
+    assert cli.settings_from(parser.parse_args(argv), dests) == {
+        k: v for k, v in settings.items() if k not in ("ks", "window_stride")}
+    with pytest.raises(ValueError, match="fail_at has no flag"):
+        cli.argv_from({"fail_at": {"epoch": 1}})
 
 
 def test_unset_flags_are_absent_and_model_flags_go_to_model_config():

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow as pa
 import pytest
 
 from featurestore import store
 from featurestore.raycluster import ResourcePlanError
 from training import TrainConfig
 from training.records import read_runs
-from tuning.records import SWEEPS
+from tuning.records import SWEEPS, SWEEPS_SCHEMA
 from tuning.records import plots as records_plots
 from tuning.sweep import TRIAL_DRIVER_CPUS, SweepConfig, plan_trials, steps_per_epoch_range
 
@@ -75,6 +76,9 @@ def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_pat
     from tuning.records import write_sweep
 
     db = store.connect(str(tmp_path / "db"))
+    older = pa.schema([f for f in SWEEPS_SCHEMA if f.name != "time_s"])  # a table from before the field
+    db.create_table(SWEEPS, data=pa.Table.from_pylist([{"sweep_id": "b", "trial_id": "0", "status": "finished"}],
+                                                      schema=older))
     write_sweep(db, "a", [{"sweep_id": "a", "trial_id": "1", "status": "errored"},
                           {"sweep_id": "a", "trial_id": "2", "status": "finished"}])
     write_sweep(db, "b", [{"sweep_id": "b", "trial_id": "1", "status": "finished"}])
@@ -82,7 +86,8 @@ def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_pat
                           {"sweep_id": "a", "trial_id": "2", "status": "finished"}])
     rows = store.open_table(db, SWEEPS).to_pandas()
     assert sorted(zip(rows.sweep_id, rows.trial_id, rows.status)) == [
-        ("a", "2", "finished"), ("a", "3", "finished"), ("b", "1", "finished")]
+        ("a", "2", "finished"), ("a", "3", "finished"), ("b", "1", "finished")]  # b's rows replaced as a whole
+    assert "time_s" in rows.columns
 
 
 def test_an_interrupted_sweep_is_told_apart_from_a_finished_one_by_the_trials_tune_left_running():

@@ -2,6 +2,7 @@
 
     add_train_arguments(parser) -> dests        every TrainConfig setting and model hyper-parameter as a flag
     settings_from(args, dests) -> dict          the settings those flags set, the model's under "model_config"
+    argv_from(settings) -> list[str]            the flags that set `settings` (its inverse: commands for records)
     add_dataclass_arguments(group, classes)     the generator both groups of flags come from
 
 A field `some_name` becomes `--some-name`, parsed by its annotation: int, float, str; bool: a switch; X | None
@@ -43,6 +44,36 @@ def settings_from(args: argparse.Namespace, dests: Iterable[str]) -> dict[str, A
     if model_config:
         settings["model_config"] = model_config
     return settings
+
+
+def argv_from(settings: Mapping[str, Any]) -> list[str]:
+    """flows/train.py flags that give `settings` (a TrainConfig dict): the model, every setting that differs from its
+    default, then every model hyper-parameter in settings["model_config"]; settings_from(parse(argv_from(s))) gives s back
+    up to the defaults. Fields kept off the command line ({"cli": False}) must be unset."""
+    argv = []
+    for f in dataclasses.fields(TrainConfig):
+        value = settings.get(f.name, default_of(f))
+        if not f.metadata.get("cli", True):
+            if f.name != "model_config" and value != default_of(f):
+                raise ValueError(f"{f.name} has no flag, so a command line cannot set it to {value!r}")
+            continue
+        if f.name == "model" or (value != default_of(f) and not (isinstance(value, (list, tuple))
+                                                                 and tuple(value) == default_of(f))):
+            argv += flag(f.name, value, default_of(f) is True)
+    switched_on = {f.name for model in MODELS.values() for f in dataclasses.fields(model.config_class)
+                   if default_of(f) is True}  # as add_dataclass_arguments decides which switches get --no-
+    for name, value in (settings.get("model_config") or {}).items():
+        argv += flag(name, value, name in switched_on)
+    return argv
+
+
+def flag(name: str, value: Any, default_on: bool) -> list[str]:
+    option = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [option] if value else ["--no-" + option[2:]] if default_on else []
+    if isinstance(value, (list, tuple)):
+        return [option, *map(str, value)]
+    return [option, str(value)]
 
 
 def add_dataclass_arguments(group: argparse._ActionsContainer, classes: Mapping[str, type], *,

@@ -69,10 +69,7 @@ def now() -> datetime:
 def write_run(db, record: dict) -> None:
     """Insert or replace the run's row; missing fields are null."""
     row = {field.name: record.get(field.name) for field in RUNS_SCHEMA}
-    table = store.open_table(db, RUNS, required=False)
-    missing = [] if table is None else [field for field in RUNS_SCHEMA if field.name not in table.schema.names]
-    if missing:  # a table written before these fields existed gets them, null in its older rows
-        table.add_columns(missing)
+    store.add_missing_fields(db, RUNS, RUNS_SCHEMA)
     store.upsert(db, RUNS, pa.Table.from_pylist([row], schema=RUNS_SCHEMA), "run_id")
 
 

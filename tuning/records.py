@@ -2,7 +2,7 @@
 
 sweeps  one row per (sweep id, trial id): model, config JSON (the sampled values), status (finished: the run
         ended by its epochs, patience or time budget; stopped: ASHA stopped it; errored), stop reason, epochs,
-        optimizer steps, best validation metric, the `runs` id of the trial, the sweep's settings JSON and the
+        optimizer steps, best validation metric, seconds, the `runs` id of the trial, the sweep's settings JSON and the
         versions of the tables the sweep read. A trial that ASHA stops never reaches the end of run_training,
         so the sweep driver writes every row, from Tune's own results (which stay readable with
         tune.ExperimentAnalysis / ResultGrid).
@@ -40,6 +40,7 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("epochs", pa.int32()),
     pa.field("steps", pa.int64()),
     pa.field("best_value", pa.float64()),  # the monitored validation metric, best epoch
+    pa.field("time_s", pa.float64()),  # the trial's seconds as Tune counted them (a resumed trial's in total)
     pa.field("run_id", pa.string()),  # the trial's row in `runs` (runs live under the sweep's folder)
     pa.field("settings", pa.string()),  # JSON: the sweep's fixed training settings and its own settings
     pa.field("table_versions", pa.string()),  # JSON: the versions of items, interactions, sequences read
@@ -75,6 +76,7 @@ def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: d
             "config": json.dumps(trial.config, sort_keys=True), "status": status, "stop_reason": stop,
             "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
             "best_value": float(max(monitored)) if len(monitored) else None, "run_id": run,
+            "time_s": float(result.get("time_total_s") or 0.0),
             "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
             "table_versions": json.dumps(versions), "recorded_at": now(), "curve": monitored,
             "reported_at": float(result.get("timestamp") or 0.0), "params": trial.config,
@@ -96,6 +98,7 @@ def write_sweep(db, name: str, records: list[dict]) -> None:
     """The sweep's rows as its trials stand: a trial Tune restarted from scratch (--retry-errored) has a new
     trial id, and the row of the attempt it replaced goes in the same commit."""
     rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} for record in records]
+    store.add_missing_fields(db, SWEEPS, SWEEPS_SCHEMA)
     store.upsert(db, SWEEPS, pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA), ["sweep_id", "trial_id"],
                  replaces=f"sweep_id = {store.sql_string(name)}")
 

@@ -1,0 +1,91 @@
+"""bench/study_table.py's paired comparisons and recorded commands, and bench/study_runs.py's rows: on runs
+whose per-user test ranks are written the way the workers write them."""
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from training.run import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import study_runs  # noqa: E402 - bench/
+import study_table  # noqa: E402 - bench/
+
+USERS = 600
+
+
+def fake_row(tmp_path, model: str, hit_rate: float, seeds=(1, 2, 3), draw_seed=0) -> study_table.Row:
+    """A row of finished runs whose test targets rank first with probability hit_rate, else 100th."""
+    rng = np.random.default_rng(draw_seed)
+    keys = np.arange(USERS, dtype=np.int64) * 7919 - 10**6  # any int64 keys, the same users in every run
+    runs = []
+    for seed in seeds:
+        name = f"{model}-seed{seed}"
+        rank = np.where(rng.random(USERS) < hit_rate, 0, 99).astype(np.int32)
+        masked = np.maximum(rank - 5, 0).astype(np.int32)
+        # two workers' shares, as a two-worker run writes them
+        for worker, share in enumerate(np.array_split(rng.permutation(USERS), 2)):
+            RunDir(str(tmp_path), name).write_test_ranks(
+                {"user_key": keys[share], "rank": rank[share], "rank_masked": masked[share]}, worker, 2)
+        ndcg = float(np.mean((rank < 10) / np.log2(rank + 2)))
+        runs.append(SimpleNamespace(name=name, run_dir=f"{tmp_path}/{name}", num_workers=2,
+                                    config={"settings": {"seed": seed}}, test_metrics={"test_ndcg@10": ndcg}))
+    return study_table.Row(model, "ml-100k", "tuned, full ranking", "", runs)
+
+
+def test_a_clearly_better_model_is_better_by_both_tests_and_equal_ones_are_not_distinguishable(tmp_path):
+    baseline = fake_row(tmp_path, "sasrec", 0.30)
+    better = study_table.compare(fake_row(tmp_path, "fame", 0.45, draw_seed=1), baseline, resamples=2000)
+    assert better["seeds"] == [1, 2, 3]
+    for protocol in ("ranked", "masked"):
+        result = better[protocol]
+        assert result["verdict"] == "better" and result["users"] == USERS
+        assert 0.1 < result["difference"] < 0.2 and result["t_p"] < 0.05
+        assert 0 < result["bootstrap_ci"][0] < result["difference"] < result["bootstrap_ci"][1]
+    alike = study_table.compare(fake_row(tmp_path, "hm4sr", 0.30, draw_seed=2), baseline, resamples=2000)
+    assert alike["ranked"]["verdict"] == "not distinguishable"
+    assert alike["ranked"]["bootstrap_ci"][0] < 0 < alike["ranked"]["bootstrap_ci"][1]
+    lonely = study_table.compare(fake_row(tmp_path, "fame-one", 0.5, seeds=(4,)), baseline, resamples=10)
+    assert lonely["verdict"] == "not compared: 0 common seed(s)"
+
+
+def test_runs_tested_on_other_users_are_not_compared(tmp_path):
+    baseline = fake_row(tmp_path, "sasrec", 0.3)
+    other = fake_row(tmp_path, "fame", 0.3)
+    RunDir(str(tmp_path), "fame-seed2").write_test_ranks(  # one worker's share of other users
+        {"user_key": np.array([1, 2], dtype=np.int64), "rank": np.zeros(2, np.int32),
+         "rank_masked": np.zeros(2, np.int32)}, 1, 2)
+    with pytest.raises(ValueError, match="test users differ"):
+        study_table.compare(other, baseline, resamples=10)
+
+
+def test_a_recorded_sweep_becomes_the_tune_command_that_gives_its_settings_back():
+    tune = runpy.run_path(str(REPO / "flows" / "tune.py"), run_name="flow")
+    settings, space, sweep = tune["parse_args"](["--model", "fame", "--dataset", "ml-100k", "--epochs", "100",
+                                                 "--monitor", "ndcg@10", "--num-samples", "32", "--grace-period", "5",
+                                                 "--final-seeds", "5", "--sweep-name", "study-ml100k-fame"])
+    from training.config import TrainConfig
+
+    recorded = {"training": TrainConfig.from_dict(settings).to_dict(), "sweep": vars(sweep)}
+    again = tune["parse_args"](study_table.sweep_argv(recorded))
+    assert TrainConfig.from_dict(again[0]) == TrainConfig.from_dict(settings) and again[2] == sweep
+
+
+def test_study_rows_are_the_tuned_configuration_with_their_changes():
+    import pandas as pd
+
+    tuned = {"model": "fame", "lr": 0.002, "batch_size": 32, "name": "x", "seed": 1, "cpus_per_worker": 1.25,
+             "model_config": {"n_heads": 4, "n_experts": 2, "dropout": 0.3}}
+    runs = pd.DataFrame({"status": ["finished"], "config": [{"settings": tuned}]},
+                        index=["study-ml100k-fame-final-seed1"])
+    row = study_runs.row_settings(study_runs.STUDY_ROWS["fame-H1"], runs, "ml-100k")
+    assert row == {"model": "fame", "lr": 0.002, "batch_size": 32,
+                   "model_config": {"n_heads": 1, "n_experts": 2, "dropout": 0.3}}  # name, seed, CPUs: the run's own
+    authors = study_runs.row_settings(study_runs.STUDY_ROWS["hm4sr-authors"], runs, "ml-100k")
+    assert authors["batch_size"] == 1024 and authors["max_len"] == 50 and authors["monitor"] == "ndcg@10"
+    with pytest.raises(SystemExit, match="run the sweep study-ml100k-hm4sr first"):
+        study_runs.row_settings(study_runs.STUDY_ROWS["hm4sr-no-temporal"], runs, "ml-100k")
