@@ -100,7 +100,7 @@ def build_rows(runs, trials) -> list[Row]:
             rows.append(Row(model, dataset, "tuned, full ranking", config, found,
                             "" if found else sweep_state(trials, sweep)))
         for key, spec in STUDY_ROWS.items():
-            if dataset not in spec.datasets:
+            if dataset not in spec.datasets or spec.kind != "study":
                 continue
             found = [runs.loc[run_name(dataset, key, s)] for s in range(1, MAX_SEEDS + 1)
                      if run_name(dataset, key, s) in runs.index and runs.loc[run_name(dataset, key, s)].status == "finished"]

@@ -42,7 +42,8 @@ def test_every_train_setting_round_trips_through_its_flag():
     given = {"model": "hm4sr", "db": "/data/store", "dataset": "ml-1m", "storage": "s3://bucket/runs",
              "name": "run-a", "resume": True, "epochs": 3, "batch_size": 64, "sort_window": 1, "precision": "bf16",
              "eval_batch_size": 32, "lr": 0.01, "weight_decay": 1e-4, "max_len": 200, "seed": 7,
-             "train_mode": "last", "window_stride": 5, "patience": 2, "time_budget_s": 90.5, "monitor": "hr@5", "ks": (5, 10),
+             "train_mode": "last", "window_stride": 5, "patience": 2, "time_budget_s": 90.5, "stop_at": 0.07,
+             "monitor": "hr@5", "ks": (5, 10),
              "mask_history": True, "num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5,
              "threads_per_worker": 3, "placement_strategy": "SPREAD", "max_failures": 0, "vectors_table": "vectors", "save_item_vectors": False,
              "save_plot": False}

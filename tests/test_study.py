@@ -89,3 +89,16 @@ def test_study_rows_are_the_tuned_configuration_with_their_changes():
     assert authors["batch_size"] == 1024 and authors["max_len"] == 50 and authors["monitor"] == "ndcg@10"
     with pytest.raises(SystemExit, match="run the sweep study-ml100k-hm4sr first"):
         study_runs.row_settings(study_runs.STUDY_ROWS["hm4sr-no-temporal"], runs, "ml-100k")
+
+
+def test_time_to_quality_is_counted_from_the_first_step_and_from_launch_to_the_end_of_the_reaching_epoch():
+    import pandas as pd
+    import time_to_quality  # noqa: E402 - bench/
+
+    epochs = [{"epoch": e, "epoch_started_at": 1000.0 + 10 * (e - 1), "epoch_s": 9.0, "val_ndcg@10": v}
+              for e, v in [(1, 0.05), (2, 0.071), (3, 0.08)]]
+    run = SimpleNamespace(epochs=epochs, started_at=pd.Timestamp(970.0, unit="s", tz="UTC"), restored_at=[])
+    assert time_to_quality.reach(run) == {"epoch": 2, "from_first_step_s": 19.0, "from_launch_s": 49.0,
+                                          "resumed": False}
+    slow = SimpleNamespace(epochs=epochs[:1], started_at=run.started_at, restored_at=[])
+    assert time_to_quality.reach(slow) == {"epoch": None, "best": 0.05}

@@ -93,6 +93,10 @@ def test_progress_stops_on_patience_epochs_or_time_and_a_resume_can_give_more():
     assert progress.stop_reason == "time budget"
     progress.update_stop(TrainConfig(epochs=4))
     assert progress.stop_reason == "epochs"
+    progress.update_stop(TrainConfig(epochs=10, patience=5, stop_at=0.3))  # reached at epoch 2: its weights are best
+    assert progress.stop_reason == "target" and progress.best_epoch == 2
+    progress.update_stop(TrainConfig(epochs=10, patience=5, stop_at=0.31))
+    assert not progress.finished
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -35,7 +35,7 @@ class Progress:
     best_epoch: int = 0
     best_value: float = -math.inf
     epochs_without_gain: int = 0
-    stop_reason: str | None = None  # "epochs", "patience" (early stop), "time budget"; None: training goes on
+    stop_reason: str | None = None  # "epochs", "patience" (early stop), "time budget", "target" (stop_at); None: on
     restored_at: list[int] = field(default_factory=list)  # epochs training was restored from (failures, --resume)
 
     @property
@@ -65,6 +65,8 @@ class Progress:
             self.stop_reason = "patience"
         elif settings.time_budget_s is not None and train_s >= settings.time_budget_s:
             self.stop_reason = "time budget"
+        elif settings.stop_at is not None and self.best_value >= settings.stop_at:
+            self.stop_reason = "target"
         else:
             self.stop_reason = None
 

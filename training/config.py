@@ -25,7 +25,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 # What `--resume` may change; every other setting must equal the interrupted run's.
 CHANGEABLE_ON_RESUME = frozenset({
-    "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "eval_batch_size", "num_workers",
+    "db", "storage", "name", "resume", "epochs", "patience", "time_budget_s", "stop_at", "eval_batch_size", "num_workers",
     "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures", "fail_at",
     "save_item_vectors", "save_plot",
     "precision",  # weights and optimizer state stay float32 whatever the autocast: checkpoints are the same
@@ -76,6 +76,9 @@ class TrainConfig:
         "help": "early stop after this many epochs without a gain in the monitored metric"})
     time_budget_s: float | None = field(default=None, metadata={
         "help": "stop after the epoch in which training time reaches this many seconds"})
+    stop_at: float | None = field(default=None, metadata={
+        "help": "stop after the first epoch whose monitored validation metric reaches this value (time-to-quality "
+                "runs: the test split is then scored with that epoch's weights)"})
     monitor: str = field(default="ndcg@20", metadata={
         "help": "validation metric for early stopping and the best checkpoint: hr, ndcg or mrr @ one of --ks"})
     ks: tuple[int, ...] = field(default=DEFAULT_KS, metadata={"help": "cut-offs of the HR/NDCG/MRR metrics"})

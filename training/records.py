@@ -36,7 +36,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("epochs", pa.string()),  # JSON: one metrics dict per epoch
         pa.field("epochs_run", pa.int32()),
         pa.field("best_epoch", pa.int32()),
-        pa.field("stop_reason", pa.string()),  # epochs | patience (early stop) | time budget
+        pa.field("stop_reason", pa.string()),  # epochs | patience (early stop) | time budget | target (stop_at)
         pa.field("restored_at", pa.list_(pa.int32())),  # epochs training restarted from (failures, --resume)
         pa.field("monitor", pa.string()),
         pa.field("best_value", pa.float64()),  # the monitored validation metric at the best epoch

@@ -59,7 +59,7 @@ class Reporting:
 def fit(model: SequentialRecommender, trainer_model: nn.Module, optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler, settings: TrainConfig, data: EpochData, progress: Progress,
         best_weights: dict[str, torch.Tensor], reporting: Reporting) -> dict:
-    """Train until `progress` says stop (epochs, patience, time budget), then score the best weights on "test".
+    """Train until `progress` says stop (epochs, patience, time budget, target), then score the best weights on "test".
 
     `trainer_model` is what the optimizer steps through (LossModel(model), DDP-wrapped under Ray Train);
     `progress` and `best_weights` are a fresh start's or a restored checkpoint's. Returns the final metrics:

@@ -49,7 +49,7 @@ ON, VALUE = "__on", "__value"
 NOT_HYPERPARAMETERS = frozenset({
     "model", "db", "dataset", "storage", "name", "resume", "fail_at", "model_config", "num_workers",
     "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "placement_strategy", "max_failures", "vectors_table",
-    "save_item_vectors", "save_plot", "epochs", "patience", "time_budget_s", "monitor", "ks", "mask_history", "seed"})
+    "save_item_vectors", "save_plot", "epochs", "patience", "time_budget_s", "stop_at", "monitor", "ks", "mask_history", "seed"})
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 COMBINATION_CAP = 4096  # check_space tries at most this many combinations of the spaces' finite values
 
