@@ -82,12 +82,18 @@ def run_name(dataset: str, row: str, seed: int) -> str:
     return f"study-{short_name(dataset)}-{row}-seed{seed}"
 
 
+def finished_runs(runs, names) -> list:
+    """The records (rows of read_runs indexed by run_id) of the runs among `names` that finished, in order."""
+    return [runs.loc[name] for name in names if name in runs.index and runs.loc[name].status == "finished"]
+
+
 def tuned_settings(runs, dataset: str, model: str) -> dict:
     """The settings of the sweep's best configuration: its first final seed's, less what each run sets itself."""
     seed_run = f"{sweep_name(dataset, model)}-final-seed1"
-    if seed_run not in runs.index or runs.loc[seed_run].status != "finished":
+    found = finished_runs(runs, [seed_run])
+    if not found:
         raise SystemExit(f"error: no finished run {seed_run}: run the sweep {sweep_name(dataset, model)} first")
-    settings = dict(runs.loc[seed_run].config["settings"])
+    settings = dict(found[0].config["settings"])
     return {key: value for key, value in settings.items() if key not in RUN_OWN}
 
 
@@ -109,7 +115,7 @@ def commands(args) -> list[tuple[str, list[str], str]]:
         settings = row_settings(STUDY_ROWS[key], runs, args.dataset)
         for seed in range(1, args.seeds + 1):
             name = run_name(args.dataset, key, seed)
-            state = ("done" if name in runs.index and runs.loc[name].status == "finished"
+            state = ("done" if finished_runs(runs, [name])
                      else "resume" if (Path(args.storage) / name / "train_config.json").exists() else "new")
             run = {**settings, "name": name, "seed": seed, "db": args.db, "dataset": args.dataset,
                    "storage": args.storage, "save_item_vectors": False, "resume": state == "resume"}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from featurestore import store  # noqa: E402
-from study_runs import STUDY_ROWS, run_name, sweep_name  # noqa: E402 - bench/
+from study_runs import STUDY_ROWS, finished_runs, run_name, sweep_name  # noqa: E402 - bench/
 from training.cli import argv_from  # noqa: E402
 from training.records import RUNS, read_runs  # noqa: E402
 from training.run import RunDir  # noqa: E402
@@ -94,16 +94,14 @@ def build_rows(runs, trials) -> list[Row]:
     for dataset in DATASETS:
         for model in MODELS:
             sweep = sweep_name(dataset, model)
-            found = [runs.loc[f"{sweep}-final-seed{s}"] for s in range(1, MAX_SEEDS + 1)
-                     if f"{sweep}-final-seed{s}" in runs.index and runs.loc[f"{sweep}-final-seed{s}"].status == "finished"]
+            found = finished_runs(runs, [f"{sweep}-final-seed{s}" for s in range(1, MAX_SEEDS + 1)])
             config = chosen_values(trials, sweep) if found else sweep
             rows.append(Row(model, dataset, "tuned, full ranking", config, found,
                             "" if found else sweep_state(trials, sweep)))
         for key, spec in STUDY_ROWS.items():
             if dataset not in spec.datasets or spec.kind != "study":
                 continue
-            found = [runs.loc[run_name(dataset, key, s)] for s in range(1, MAX_SEEDS + 1)
-                     if run_name(dataset, key, s) in runs.index and runs.loc[run_name(dataset, key, s)].status == "finished"]
+            found = finished_runs(runs, [run_name(dataset, key, s) for s in range(1, MAX_SEEDS + 1)])
             base = "the tuned configuration" if spec.base == "tuned" else "the flow's defaults"
             changes = json.dumps(spec.changes, sort_keys=True)
             rows.append(Row(spec.model, dataset, spec.protocol, f"{key}: {base} with {changes}", found,

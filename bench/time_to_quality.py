@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from featurestore import store  # noqa: E402
-from study_runs import STUDY_ROWS, TTQ_TARGET, run_name  # noqa: E402 - bench/
+from study_runs import STUDY_ROWS, TTQ_TARGET, finished_runs, run_name  # noqa: E402 - bench/
 from training.records import RUNS, read_runs  # noqa: E402
 
 RECBOLE_S = 25 * 60  # RecBole 1.2.1 SASRec to its best validation NDCG@10 (0.0719), from its first step
@@ -70,9 +70,7 @@ def main(argv=None) -> int:
     for key, row in STUDY_ROWS.items():
         if row.kind != "time to quality":
             continue
-        finished = [runs.loc[run_name(args.dataset, key, seed)] for seed in range(1, args.seeds + 1)
-                    if run_name(args.dataset, key, seed) in runs.index
-                    and runs.loc[run_name(args.dataset, key, seed)].status == "finished"]
+        finished = finished_runs(runs, [run_name(args.dataset, key, seed) for seed in range(1, args.seeds + 1)])
         mode = row.changes["train_mode"]
         if not finished:
             print(f"| {row.model} | {mode} | 0 / 0 | not run | | | | | | |")
