@@ -10,8 +10,9 @@ settings and TuneReportCallback, which hands Tune every epoch's rank-0 metrics. 
 that run. The sweep driver prepares the store once, before any trial, computes the example splits of every
 layout the space lists once (training.data.shared_splits: Ray datasets the trials read, never copies in the
 driver), and sizes the trials so that they never wait on each other's workers and always leave Ray Data
-its CPUs. ASHA's clock is the run's cumulative optimizer steps: epochs are not comparable when batch size or
-training mode is searched.
+its CPUs. ASHA's clock is the epoch, a pass over the training rows in either training mode: trials are compared
+after equal passes over the data, whatever their batch size (optimizer steps, the clock before, judged a
+batch-16 trial after one epoch against batch-256 trials' sixteenth).
 """
 from __future__ import annotations
 
@@ -50,9 +51,7 @@ class SweepConfig:
                                                     "choices": SEARCHES})
     scheduler: str = field(default="asha", metadata={"help": "asha stops weak trials early; none runs all",
                                                      "choices": SCHEDULERS})
-    grace_period: int = field(default=1, metadata={
-        "help": "ASHA: epochs a trial runs before it can be stopped, counted as the optimizer steps of that many "
-                "epochs of the space's cheapest configuration"})
+    grace_period: int = field(default=1, metadata={"help": "ASHA: epochs every trial runs before it can be stopped"})
     reduction_factor: int = field(default=2, metadata={"help": "ASHA: keep 1 of this many trials per rung"})
     max_concurrent: int | None = field(default=None, metadata={
         "help": "trials at once", "shown_default": "as many as the cluster's CPUs fit"})
@@ -175,13 +174,13 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
           f"split(s) computed for the trials", flush=True)
-    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, fewest, most, splits)
+    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits)
     grid = tuner.fit()
     return finish_sweep(db, name, base, trial_base, dict(space), sweep, grid, time.perf_counter() - started, splits)
 
 
 def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, sweep: SweepConfig, plan: TrialPlan,
-                fewest_steps: int, most_steps: int, splits: dict[tuple, Any]):
+                splits: dict[tuple, Any]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
@@ -198,11 +197,9 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
             raise ValueError(f"nothing to resume: no sweep {name!r} in {base.storage}")
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=sweep.retry_errored, param_space=param_space(space))
-    # ASHA's max_t is just past --epochs of the configuration with the most steps per epoch: ASHA stops a trial
-    # that reaches max_t at once, so a trial at its own epoch limit must not (it still scores its test split
-    # and writes its run record); the grace period is that many epochs of the cheapest configuration
-    scheduler = (ASHAScheduler(time_attr="total_steps", max_t=base.epochs * most_steps + 1,
-                               grace_period=sweep.grace_period * fewest_steps,
+    # ASHA's max_t is just past --epochs: ASHA stops a trial that reaches max_t at once, so a trial at its
+    # epoch limit must not (it still scores its test split and writes its run record)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=sweep.grace_period,
                                reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     # a trial's driver needs little, so Tune would start every trial at once: the limit must hold, or their
