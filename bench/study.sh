@@ -6,6 +6,10 @@
 #   git worktree add --detach ../study HEAD
 #   STUDY_DATA=$PWD/data/study nohup ../study/bench/study.sh > data/study/study.log 2>&1 &
 #
+# Its state is the store (`runs`, `sweeps`, the runs' test ranks); bench/study_ledger.py keeps that in the
+# repository (export it, commit bench/results/study/ledger), and this loads it into a fresh store first, so the
+# study continues on another machine or in another session.
+#
 # Steps: one sweep per model (flows/tune.py: 32 trials, Optuna + ASHA, the default spaces, final seeds 1..5),
 # the ablations and the authors' protocol (3 seeds) and the time-to-quality runs (bench/study_runs.py), then
 # bench/study_table.py and bench/time_to_quality.py write bench/results/study.md and time_to_quality.json.
@@ -20,10 +24,14 @@ PROTOCOL=(--dataset ml-100k --db "$DB" --storage "$RUNS" --max-len 50 --epochs 1
 # passive, made a batch-16 SASRec epoch slower (169 s against 125-130 s)
 SWEEP=(--num-samples 32 --grace-period 5 --final-seeds 5 --sweep-seed 1)
 
+"$PY" bench/study_ledger.py load --db "$DB" --storage "$RUNS" --ledger "${STUDY_LEDGER:-bench/results/study/ledger}"
 for model in sasrec fame hm4sr; do
   name="study-ml100k-$model"
   [[ -f "$RUNS/$name/final_seeds.json" ]] && continue
-  resume=() && [[ -f "$RUNS/$name/tuner.pkl" ]] && resume=(--sweep-resume)
+  # resumed from Tune's directory if there is one, else from the sweep's rows in the store
+  recorded=$("$PY" -c "import sys; from featurestore import store; from tuning.records import recorded_trials
+print(len(recorded_trials(store.connect(sys.argv[1]), sys.argv[2])))" "$DB" "$name")
+  resume=() && [[ -f "$RUNS/$name/tuner.pkl" || $recorded -gt 0 ]] && resume=(--sweep-resume)
   flags=() && [[ $model == hm4sr ]] && flags=(--modalities id text)
   "$PY" flows/tune.py --model "$model" --sweep-name "$name" "${PROTOCOL[@]}" "${SWEEP[@]}" "${flags[@]}" "${resume[@]}"
 done

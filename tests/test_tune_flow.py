@@ -4,11 +4,13 @@ instances: one where ASHA stops a hopeless trial and the trials after it still s
 resumed and retried (shared by the resume and errored-trial tests: a sweep's start-up is what they cost)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -41,7 +43,7 @@ def test_trials_are_sized_so_they_never_wait_on_each_other_and_leave_ray_data_it
         plan_trials(2.0, TrainConfig(cpus_per_worker=2.0), max_concurrent=None)
 
 
-def test_asha_clock_spans_the_steps_per_epoch_of_every_batch_size_and_mode_the_space_can_pick():
+def test_the_sweeps_first_line_spans_the_steps_per_epoch_of_every_batch_size_and_mode_the_space_can_pick():
     rows = {"item_idx": [list(range(1, 30))] * 10}  # 10 users, 26 training targets each
     space = {"batch_size": {"choice": [4, 10]}, "train_mode": {"choice": ["all", "last"]}}
     # at L 20 and stride 10: 2 windows a user (20 in all) or 260 prefixes
@@ -93,10 +95,10 @@ def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_pat
 def test_an_interrupted_sweep_is_told_apart_from_a_finished_one_by_the_trials_tune_left_running():
     from tuning.records import unfinished_trials
 
-    finished = [{"trial_id": "a", "tune_status": "TERMINATED"}, {"trial_id": "b", "tune_status": "ERROR"}]
-    assert unfinished_trials(finished) == []
-    assert unfinished_trials(finished + [{"trial_id": "c", "tune_status": "RUNNING"},
-                                         {"trial_id": "d", "tune_status": "PENDING"}]) == ["c", "d"]
+    ended = [{"trial_id": "a", "status": "finished"}, {"trial_id": "b", "status": "errored"},
+             {"trial_id": "c", "status": "stopped"}]
+    assert unfinished_trials(ended) == []
+    assert unfinished_trials(ended + [{"trial_id": "d", "status": "unfinished"}]) == ["d"]
 
 
 def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):
@@ -106,16 +108,16 @@ def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_k
              "n_heads": {"choice": [1, 2]}}
     params = [{"lr": 1e-3, "cp_weight__on": False, "cp_weight__value": 0.0, "n_heads": 1},
               {"lr": 2e-3, "cp_weight__on": True, "cp_weight__value": 0.5, "n_heads": 2}]
-    records = [{"best_value": 0.05 + i / 100, "curve": [0.01, 0.05 + i / 100], "status": status, "params": p,
-                "started_at": 100.0 * i, "reported_at": 100.0 * i + 60} for i, (p, status) in
-               enumerate(zip(params, ["finished", "stopped"]))]
+    records = [{"best_value": value, "curve": [0.01, value], "status": status, "params": p,
+                "reported_at": pd.Timestamp(100.0 * i, unit="s", tz="UTC")} for i, (p, status, value) in
+               enumerate(zip(params, ["finished", "stopped"], [0.06, 0.05]))]
     drawn, savefig = [], plt.Figure.savefig  # the figures themselves, as they are saved
     monkeypatch.setattr(plt.Figure, "savefig", lambda figure, *a, **k: (drawn.append(figure), savefig(figure, *a, **k)))
     images = records_plots(records, space, "val_ndcg@10")
     assert all(png.startswith(b"\x89PNG") for png in images.values()) and len(images) == 3
     best_so_far, curves, by_parameter = drawn
-    (steps,) = best_so_far.axes[0].get_lines()  # minutes from the first trial's start to each one's last report
-    assert list(steps.get_xdata()) == pytest.approx([1.0, 160 / 60])
+    (steps,) = best_so_far.axes[0].get_lines()  # by trial, in the order they last reported
+    assert list(steps.get_xdata()) == [1, 2] and list(steps.get_ydata()) == pytest.approx([0.06, 0.06])
     assert len(curves.axes[0].get_lines()) == 2
     assert [axis.get_xscale() for axis in by_parameter.axes] == ["log", "symlog", "linear"]
 
@@ -195,6 +197,88 @@ def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tm
     assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
     assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
     assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
+
+
+def test_asha_replayed_from_the_carried_trials_curves_stops_what_it_would_have_stopped_live():
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from tuning.sweep import replay
+
+    def asha():
+        return ASHAScheduler(time_attr="epoch", metric="val", mode="max", max_t=9, grace_period=1, reduction_factor=2)
+
+    curves = {"a": [0.10, 0.20, 0.30, 0.35], "b": [0.05, 0.08], "c": [0.12, 0.22, 0.31, 0.34]}
+    live = asha()
+    for trial_id, curve in curves.items():
+        trial = SimpleNamespace(trial_id=trial_id)
+        live.on_trial_add(None, trial)
+        for epoch, value in enumerate(curve, 1):
+            live.on_trial_result(None, trial, {"epoch": epoch, "val": value})
+        live.on_trial_complete(None, trial, {"epoch": len(curve), "val": curve[-1]})
+    replayed = asha()
+    replay(replayed, [{"trial_id": t, "curve": c} for t, c in curves.items()], "val")
+
+    def decisions(scheduler, curve):
+        trial = SimpleNamespace(trial_id=f"new-{len(scheduler._trial_info)}-{curve[0]}")  # a new trial each call
+        scheduler.on_trial_add(None, trial)
+        actions = []
+        for epoch, value in enumerate(curve, 1):  # until the first stop
+            actions.append(scheduler.on_trial_result(None, trial, {"epoch": epoch, "val": value}))
+            if actions[-1] == TrialScheduler.STOP:
+                return actions
+        return actions
+
+    weak, strong = [0.11, 0.15, 0.2, 0.25], [0.2, 0.3, 0.4, 0.5]
+    # stopped at epoch 2, below the median of the carried trials' epoch-2 rung (0.20)
+    assert decisions(live, weak) == decisions(replayed, weak) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert decisions(replayed, strong) == [TrialScheduler.CONTINUE] * 4
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_store(tmp_path):
+    """Another machine or session: the store is all that is left of the sweep. Continued with --sweep-resume, it
+    carries the ended trials over (rows unchanged), runs only the trials missing, and trains a final seed again
+    only if the best configuration changed."""
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    runs = tmp_path / "runs"
+
+    def sweep(samples: int, *more: str) -> subprocess.CompletedProcess:
+        done = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--space", str(space),
+                            "--num-samples", str(samples), "--epochs", "2", "--grace-period", "1", "--monitor",
+                            "ndcg@10", "--max-len", "20", "--hidden-size", "16", "--n-layers", "1", "--batch-size",
+                            "256", "--final-seeds", "1", "--sweep-name", "lost", *more)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    def rows():
+        return store.open_table(db, SWEEPS).to_pandas().set_index("trial_id").sort_index()
+
+    nothing = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--sweep-name", "lost",
+                           "--sweep-resume")
+    assert nothing.returncode != 0 and "nothing to resume" in nothing.stderr + nothing.stdout
+    sweep(2)
+    first, seed_run = rows(), read_runs(db).set_index("run_id").loc["lost-final-seed1"]
+    assert len(first) == 2 and (first.curve.map(json.loads).map(len) >= 1).all()
+    shutil.rmtree(runs / "lost")
+
+    same = sweep(2, "--sweep-resume")  # every trial ended: nothing trains, not even the final seed
+    assert "continuing from the store with 2 ended trial(s)" in same.stdout
+    assert not [line for line in same.stdout.splitlines() if line.startswith("trial ")]
+    assert "lost-final-seed1: finished already" in same.stdout
+    assert read_runs(db).set_index("run_id").loc["lost-final-seed1"].finished_at == seed_run.finished_at
+    pd.testing.assert_frame_equal(rows()[["config", "best_value", "curve"]], first[["config", "best_value", "curve"]])
+
+    more = sweep(3, "--sweep-resume")  # one trial more
+    assert sum(line.startswith("trial ") for line in more.stdout.splitlines()) == 1
+    after = rows()
+    assert len(after) == 3 and set(first.index) < set(after.index)
+    pd.testing.assert_frame_equal(after.loc[first.index, ["config", "best_value"]], first[["config", "best_value"]])
+    final = json.loads((runs / "lost" / "final_seeds.json").read_text())
+    best = json.loads(after.loc[after.best_value.idxmax()].config)
+    assert final["runs"] == ["lost-final-seed1"]
+    assert read_runs(db).set_index("run_id").loc["lost-final-seed1"].config["settings"]["lr"] == best["lr"]
 
 
 @pytest.fixture(scope="module")

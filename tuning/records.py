@@ -1,17 +1,23 @@
 """What a sweep leaves behind: a row per trial in `sweeps`, a leaderboard, plots, and the final seeds' runs.
 
 sweeps  one row per (sweep id, trial id): model, config JSON (the sampled values), status (finished: the run
-        ended by its epochs, patience or time budget; stopped: ASHA stopped it; errored), stop reason, epochs,
-        optimizer steps, best validation metric, seconds, the `runs` id of the trial, the sweep's settings JSON and the
-        versions of the tables the sweep read. A trial that ASHA stops never reaches the end of run_training,
-        so the sweep driver writes every row, from Tune's own results (which stay readable with
-        tune.ExperimentAnalysis / ResultGrid).
+        ended by its epochs, patience or time budget; stopped: ASHA stopped it; errored; unfinished: an
+        interruption caught it running or pending), stop reason, epochs, optimizer steps, best validation metric,
+        the validation curve, seconds, the `runs` id of the trial, the sweep's settings JSON and the versions of
+        the tables the sweep read. A trial that ASHA stops never reaches the end of run_training, so the sweep
+        driver writes every row, from Tune's own results (which stay readable with tune.ExperimentAnalysis /
+        ResultGrid): each trial's as it ends, all of them when the sweep ends.
+
+The rows are the sweep's durable state: a sweep whose Tune directory is gone (another machine, a lost disk)
+continues from them (tuning.sweep.carried_trials), so they hold what the searcher and ASHA need.
 """
 from __future__ import annotations
 
 import io
 import json
 from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,55 +41,80 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("trial_id", pa.string(), nullable=False),
     pa.field("model", pa.string()),
     pa.field("config", pa.string()),  # JSON: the trial's sampled values
-    pa.field("status", pa.string()),  # finished | stopped | errored
+    pa.field("status", pa.string()),  # finished | stopped | errored | unfinished
     pa.field("stop_reason", pa.string()),  # epochs | patience | time budget | ASHA | the error
     pa.field("epochs", pa.int32()),
     pa.field("steps", pa.int64()),
     pa.field("best_value", pa.float64()),  # the monitored validation metric, best epoch
+    pa.field("curve", pa.string()),  # JSON: the monitored validation metric of every epoch Tune was told of
     pa.field("time_s", pa.float64()),  # the trial's seconds as Tune counted them (a resumed trial's in total)
     pa.field("run_id", pa.string()),  # the trial's row in `runs` (runs live under the sweep's folder)
     pa.field("settings", pa.string()),  # JSON: the sweep's fixed training settings and its own settings
     pa.field("table_versions", pa.string()),  # JSON: the versions of items, interactions, sequences read
     pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+    pa.field("reported_at", pa.timestamp("us", tz="UTC")),  # the trial's last report
 ])
+DONE = ("finished", "stopped", "errored")  # the statuses of trials that will not run again (unless retried)
 
 
 def trial_records(db, path: str, name: str, base: TrainConfig, sweep_settings: dict, versions: dict) -> list[dict]:
-    """One record per trial from Tune's results in `path`; a trial finished when its run wrote its record
-    (one that ASHA stopped never gets that far)."""
+    """One record per trial of the Tune experiment in `path` (none if there is no experiment there)."""
+    if not tune.Tuner.can_restore(path):
+        return []
     analysis = tune.ExperimentAnalysis(path)
-    finished = read_runs(db).set_index("run_id") if RUNS in store.table_names(db) else None
+    finished = finished_runs(db)
     records = []
     for trial in analysis.trials:
-        run = run_id(name, trial.trial_id)
-        record = None if finished is None or run not in finished.index else finished.loc[run]
-        result = trial.last_result or {}
-        if record is not None and record.status == "finished":  # the run's own history: whole, even when Tune
-            epochs = record.epochs  # restarted the trial after it finished (it then only scored its test split)
-        else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps)
-            history = analysis.trial_dataframes.get(trial.trial_id)
-            epochs = ([] if history is None or "steps" not in history
-                      else history[history["steps"].notna()].to_dict("records"))
-        monitored = [float(m[base.monitor_key]) for m in epochs]
-        if trial.status == "ERROR":
-            status, stop = "errored", error_text(trial)
-        elif record is not None and record.status == "finished":
-            status, stop = "finished", record.stop_reason
-        else:
-            status, stop = "stopped", "ASHA"
-        records.append({
-            "sweep_id": name, "trial_id": trial.trial_id, "model": base.model,
-            "config": json.dumps(trial.config, sort_keys=True), "status": status, "stop_reason": stop,
-            "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
-            "best_value": float(max(monitored)) if len(monitored) else None, "run_id": run,
-            "time_s": float(result.get("time_total_s") or 0.0),
-            "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
-            "table_versions": json.dumps(versions), "recorded_at": now(), "curve": monitored,
-            "reported_at": float(result.get("timestamp") or 0.0), "params": trial.config,
-            "started_at": float(result.get("timestamp") or 0.0) - float(result.get("time_total_s") or 0.0),
-            "tune_status": trial.status,
-        })
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        reports = [] if history is None else history.to_dict("records")
+        records.append(trial_record(trial, trial.status, reports, finished.get(run_id(name, trial.trial_id)), name,
+                                    base, sweep_settings, versions))
     return records
+
+
+def finished_runs(db) -> dict:
+    """run_id -> record of every finished run in `runs`."""
+    if RUNS not in store.table_names(db):
+        return {}
+    runs = read_runs(db)
+    return {row.run_id: row for row in runs[runs.status == "finished"].itertuples()}
+
+
+def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, base: TrainConfig,
+                 sweep_settings: dict, versions: dict) -> dict:
+    """A trial's row: `reports` are Tune's results of it in order, `run` its finished run's record or None.
+    A trial finished when its run wrote its record (one that ASHA stops never gets that far)."""
+    result = trial.last_result or {}
+    if run is not None:  # the run's own history: whole, even when Tune restarted the trial after it finished
+        epochs = run.epochs  # (it then only scored its test split)
+    else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps)
+        epochs = [r for r in reports if r.get("steps") is not None and r["steps"] == r["steps"]]  # not NaN
+    monitored = [float(m[base.monitor_key]) for m in epochs]
+    if tune_status == "ERROR":
+        status, stop = "errored", error_text(trial)
+    elif run is not None:
+        status, stop = "finished", run.stop_reason
+    elif tune_status == "TERMINATED":
+        status, stop = "stopped", "ASHA"
+    else:
+        status, stop = "unfinished", None
+    timestamp = result.get("timestamp")
+    return {
+        "sweep_id": name, "trial_id": trial.trial_id, "model": base.model,
+        "config": json.dumps(trial.config, sort_keys=True), "status": status, "stop_reason": stop,
+        "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
+        "best_value": float(max(monitored)) if monitored else None, "curve": monitored, "run_id": run_id(name, trial.trial_id),
+        "time_s": float(result.get("time_total_s") or 0.0),
+        "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
+        "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
+        "reported_at": datetime.fromtimestamp(timestamp, timezone.utc) if timestamp else None,
+    }
+
+
+def trial_reports(trial) -> list[dict]:
+    """Tune's results of a live trial so far, from the result.json its JSON logger flushes after each."""
+    path = Path(trial.local_path or "") / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def error_text(trial) -> str:
@@ -97,10 +128,32 @@ def error_text(trial) -> str:
 def write_sweep(db, name: str, records: list[dict]) -> None:
     """The sweep's rows as its trials stand: a trial Tune restarted from scratch (--retry-errored) has a new
     trial id, and the row of the attempt it replaced goes in the same commit."""
-    rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} for record in records]
     store.add_missing_fields(db, SWEEPS, SWEEPS_SCHEMA)
-    store.upsert(db, SWEEPS, pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA), ["sweep_id", "trial_id"],
+    store.upsert(db, SWEEPS, sweep_rows(records), ["sweep_id", "trial_id"],
                  replaces=f"sweep_id = {store.sql_string(name)}")
+
+
+def write_trial(db, record: dict) -> None:
+    """One trial's row, as it ends (the sweep's others stay)."""
+    store.add_missing_fields(db, SWEEPS, SWEEPS_SCHEMA)
+    store.upsert(db, SWEEPS, sweep_rows([record]), ["sweep_id", "trial_id"])
+
+
+def sweep_rows(records: list[dict]) -> pa.Table:
+    rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} | {"curve": json.dumps(record.get("curve", []))}
+            for record in records]
+    return pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA)
+
+
+def recorded_trials(db, name: str) -> list[dict]:
+    """The sweep's rows in `sweeps` as records (params and curve decoded), in the order the trials reported."""
+    table = store.open_table(db, SWEEPS, required=False)
+    if table is None or "curve" not in table.schema.names:  # a table from before curves: nothing to continue
+        return []
+    rows = store.read_columns(db, SWEEPS, where=f"sweep_id = {store.sql_string(name)}").to_pylist()
+    for row in rows:
+        row |= {"params": json.loads(row["config"]), "curve": json.loads(row["curve"] or "[]")}
+    return sorted(rows, key=lambda r: (r["reported_at"] is None, r["reported_at"] or now()))
 
 
 def leaderboard(records: list[dict], keys: list[str], monitor_key: str) -> str:
@@ -137,11 +190,11 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
 
     scored = [r for r in records if r["best_value"] is not None]
     figure, axis = plt.subplots(figsize=(6, 4))
-    order = sorted(scored, key=lambda r: r["reported_at"])
-    sweep_start = min((r["started_at"] for r in records), default=0.0)
-    axis.step([(r["reported_at"] - sweep_start) / 60 for r in order],
-              np.maximum.accumulate([r["best_value"] for r in order]), where="post", marker=".")
-    axis.set(xlabel="sweep time (minutes, at each trial's last report)", ylabel=f"best {monitor_key} so far")
+    # by trial, not by wall time: a sweep continued on another day or machine has one axis still
+    order = sorted(scored, key=lambda r: (r["reported_at"] is None, r["reported_at"] or now()))
+    axis.step(range(1, len(order) + 1), np.maximum.accumulate([r["best_value"] for r in order]), where="post",
+              marker=".")
+    axis.set(xlabel="trials, in the order they last reported", ylabel=f"best {monitor_key} so far")
     best_so_far = png(figure)
 
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -166,30 +219,46 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
     return {TRIALS_PLOT: best_so_far, CURVES_PLOT: curves, PARAMS_PLOT: by_parameter}
 
 
-def final_seeds(best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict) -> dict:
+def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict) -> dict:
     """The best configuration trained again with seeds 1..N to early stopping (the same seeds for every model,
     so comparisons pair), on the sweep's splits; the test metrics' mean and std, ranked and masked. Seed 1
-    writes the item vectors."""
-    runs = []
+    writes the item vectors. A seed whose run finished already (in `runs`) is not trained again."""
+    tests = {}  # run id -> test metrics
     for seed in range(1, seeds + 1):
         settings = trial_settings(trial_base, best["params"], space) | {
             "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
+        done = finished_runs(db).get(settings["name"])
+        if done is not None and same_settings(done.config["settings"], settings, trial_base):
+            print(f"{settings['name']}: finished already, not trained again", flush=True)
+            tests[done.run_id] = done.test_metrics
+            continue
         result = run_training(continuing(settings), shared_splits=splits)
         print("\n".join(result.lines()), flush=True)
-        runs.append(result)
-    metrics = sorted(runs[0].test)
-    return {"seeds": list(range(1, seeds + 1)), "runs": [r.run_id for r in runs],
-            **{f"{m}_mean": float(np.mean([r.test[m] for r in runs])) for m in metrics},
-            **{f"{m}_std": float(np.std([r.test[m] for r in runs], ddof=1)) if seeds > 1 else 0.0 for m in metrics}}
+        tests[result.run_id] = result.test
+    values = list(tests.values())
+    return {"seeds": list(range(1, seeds + 1)), "runs": list(tests),
+            **{f"{m}_mean": float(np.mean([t[m] for t in values])) for m in sorted(values[0])},
+            **{f"{m}_std": float(np.std([t[m] for t in values], ddof=1)) if seeds > 1 else 0.0
+               for m in sorted(values[0])}}
 
 
-def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, grid, wall_s: float,
-                 splits: dict):
-    """Records, leaderboard and plots from the finished sweep, then the final seeds."""
+def same_settings(recorded: dict, settings: dict, trial_base: dict) -> bool:
+    """Whether a run's recorded settings hold the values `settings` sets on top of the sweep's fixed ones (a
+    final seed of an earlier best configuration does not)."""
+    def plain(value):  # as the JSON record holds it
+        return json.loads(json.dumps(value))
+
+    return all(plain(recorded.get(key)) == plain(value) for key, value in settings.items()
+               if key != "name" and trial_base.get(key) != value)
+
+
+def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, carried: list[dict],
+                 wall_s: float, splits: dict):
+    """Records, leaderboard and plots from the finished sweep (the trials `carried` over from the rows of an
+    earlier Tune experiment and those of this one), then the final seeds."""
     run_dir = RunDir(base.storage, name)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
-    sweep_settings = {"training": base.to_dict(), "sweep": asdict(sweep)}
-    records = trial_records(db, run_dir.uri, name, base, sweep_settings, versions)
+    records = carried + trial_records(db, run_dir.uri, name, base, sweep_record_settings(base, sweep), versions)
     write_sweep(db, name, records)
     keys = searched_keys(space)
     board = leaderboard(records, keys, base.monitor_key)
@@ -203,12 +272,17 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
         print(f"sweep {name} interrupted with {len(unfinished)} trial(s) unfinished; continue it with "
               f"--sweep-resume --sweep-name {name}", flush=True)
     elif best is not None and sweep.final_seeds:
-        final = final_seeds(best, trial_base, space, sweep.final_seeds, name, splits)
+        final = final_seeds(db, best, trial_base, space, sweep.final_seeds, name, splits)
         files.append(run_dir.write_bytes("final_seeds.json", json.dumps(final, indent=1).encode()))
     return SweepResult(name=name, path=run_dir.uri, leaderboard=board, best=best, final=final, files=files,
                        wall_time_s=wall_s, unfinished=len(unfinished))
 
 
+def sweep_record_settings(base: TrainConfig, sweep) -> dict:
+    """What a sweep's rows keep of its settings: the fixed training settings and the sweep's own."""
+    return {"training": base.to_dict(), "sweep": asdict(sweep)}
+
+
 def unfinished_trials(records: list[dict]) -> list[str]:
     """The ids of trials Tune left running or pending: the sweep was interrupted, --sweep-resume runs them."""
-    return [r["trial_id"] for r in records if r["tune_status"] not in ("TERMINATED", "ERROR")]
+    return [r["trial_id"] for r in records if r["status"] == "unfinished"]

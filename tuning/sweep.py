@@ -13,6 +13,12 @@ driver), and sizes the trials so that they never wait on each other's workers an
 its CPUs. ASHA's clock is the epoch, a pass over the training rows in either training mode: trials are compared
 after equal passes over the data, whatever their batch size (optimizer steps, the clock before, judged a
 batch-16 trial after one epoch against batch-256 trials' sixteenth).
+
+Every trial's row goes into `sweeps` as it ends, and those rows are enough to continue the sweep where its Tune
+directory is gone (another machine or session, a lost disk): --sweep-resume then starts a new Tune experiment
+that carries the ended trials over. Optuna is told their results, ASHA's rungs are rebuilt from their curves,
+and only the trials still missing run; a trial the interruption caught is sampled anew (its checkpoints went with
+the directory).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from featurestore import store
@@ -38,6 +45,7 @@ SCHEDULERS = ("asha", "none")
 TRIAL_DRIVER_CPUS = 0.25  # a trial's driver reads the store and waits on its Train workers
 STEP_KEYS = ("batch_size", "max_len", "train_mode", "window_stride")  # the settings that decide steps per epoch
 LAYOUT_KEYS = ("max_len", "train_mode", "window_stride")  # with num_workers (fixed for a sweep): a trial's splits
+CARRIED_FILE = "carried_trials.json"  # in the sweep's folder: the ids of the trials its Tune experiment carried over
 
 
 @dataclass
@@ -152,7 +160,7 @@ def sweep_name(settings: TrainConfig, sweep: SweepConfig) -> str:
 def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: SweepConfig) -> "SweepResult":
     """Check everything, prepare the store once, run (or resume) the Tune sweep, record it, train the best
     configuration with the final seeds. Bad settings or a bad space raise before any trial starts."""
-    from tuning.records import finish_sweep
+    from tuning.records import finish_sweep, sweep_record_settings
 
     base = TrainConfig.from_dict(settings)
     check_space(dict(space), base.model, sweep.search, base.to_dict())
@@ -174,13 +182,49 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
           f"split(s) computed for the trials", flush=True)
-    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits)
-    grid = tuner.fit()
-    return finish_sweep(db, name, base, trial_base, dict(space), sweep, grid, time.perf_counter() - started, splits)
+    carried = carried_trials(db, name, base, sweep)
+    versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
+    ends = TrialEnds(base.db, name, base, sweep_record_settings(base, sweep), versions)
+    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried, ends)
+    if tuner is not None:
+        tuner.fit()
+    return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, time.perf_counter() - started, splits)
+
+
+def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig) -> list[dict]:
+    """The trials of an earlier Tune experiment of the sweep that this one carries over (their rows in `sweeps`).
+
+    A fresh sweep carries none; a sweep Tune restores carries what its experiment carried when it began; a
+    resumed sweep without a Tune directory carries every trial that ended, errored ones only without
+    --retry-errored (with it they are sampled anew), and records their ids for later restores.
+    """
+    from training.run import RunDir
+    from tuning.records import DONE, recorded_trials
+
+    run_dir = RunDir(base.storage, name)
+    if not sweep.sweep_resume:
+        return []
+    if tune.Tuner.can_restore(run_dir.uri):
+        ids = set(json.loads(run_dir.read_text(CARRIED_FILE))) if run_dir.exists(CARRIED_FILE) else set()
+        return [r for r in recorded_trials(db, name) if r["trial_id"] in ids]
+    ended = [r for r in recorded_trials(db, name)
+             if r["status"] in DONE and not (sweep.retry_errored and r["status"] == "errored")]
+    if not ended:
+        raise ValueError(f"nothing to resume: no sweep {name!r} in {base.storage} and no ended trials of it in "
+                         f"the store's sweeps table")
+    if sweep.search == "grid":
+        raise ValueError(f"sweep {name!r} has no Tune directory in {base.storage}: a grid sweep continues only "
+                         f"from it (its trials are the grid's points in order)")
+    run_dir.write_bytes(CARRIED_FILE, json.dumps([r["trial_id"] for r in ended]).encode())
+    print(f"sweep {name}: no Tune directory; continuing from the store with {len(ended)} ended trial(s) carried "
+          f"over", flush=True)
+    return ended
 
 
 def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, sweep: SweepConfig, plan: TrialPlan,
-                splits: dict[tuple, Any]):
+                splits: dict[tuple, Any], carried: list[dict], ends: "TrialEnds"):
+    """Tune's restore of the sweep's experiment, or a new experiment for the trials not yet run (None: none
+    left), its searcher told of the carried trials and ASHA's rungs rebuilt from their curves."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
@@ -192,27 +236,53 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
     trainable = tune.with_resources(tune.with_parameters(TrialRunner(name, trial_base, space), splits=splits),
                                     {"cpu": TRIAL_DRIVER_CPUS})
     path = f"{base.storage.rstrip('/')}/{name}"
-    if sweep.sweep_resume:
-        if not tune.Tuner.can_restore(path):
-            raise ValueError(f"nothing to resume: no sweep {name!r} in {base.storage}")
+    if sweep.sweep_resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=sweep.retry_errored, param_space=param_space(space))
+    remaining = sweep.num_samples - len(carried)
+    if remaining < 1:
+        return None
     # ASHA's max_t is just past --epochs: ASHA stops a trial that reaches max_t at once, so a trial at its
     # epoch limit must not (it still scores its test split and writes its run record)
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=sweep.grace_period,
-                               reduction_factor=sweep.reduction_factor)
+    # (metric and mode go to the scheduler and searcher themselves: the carried trials are replayed before Tune
+    # would set them)
+    metric = base.monitor_key
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=base.epochs + 1,
+                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else FIFOScheduler())
+    if sweep.scheduler == "asha":
+        replay(scheduler, carried, metric)
+    told = [r for r in carried if r["curve"]]  # an errored trial that never reported tells the searcher nothing
     # a trial's driver needs little, so Tune would start every trial at once: the limit must hold, or their
     # Train workers wait on each other (Tune applies max_concurrent_trials to a Searcher, not to a generator)
-    search = (OptunaSearch(seed=sweep.sweep_seed) if sweep.search == "optuna"
-              else BasicVariantGenerator(random_state=sweep.sweep_seed, max_concurrent=plan.max_concurrent))
+    search = (OptunaSearch(metric=metric, mode="max", seed=sweep.sweep_seed,
+                           points_to_evaluate=[r["params"] for r in told] or None,
+                           evaluated_rewards=[searcher_reward(r) for r in told] or None)
+              if sweep.search == "optuna" else  # random: a continued sweep draws on, not the same trials again
+              BasicVariantGenerator(random_state=sweep.sweep_seed + 1_000_003 * len(carried),
+                                    max_concurrent=plan.max_concurrent))
     return tune.Tuner(
         trainable, param_space=param_space(space),
-        tune_config=tune.TuneConfig(metric=base.monitor_key, mode="max", num_samples=sweep.num_samples,
-                                    scheduler=scheduler, search_alg=search, max_concurrent_trials=plan.max_concurrent,
-                                    time_budget_s=sweep.sweep_time_budget_s),
-        run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[TrialLines(base.monitor_key)],
-                                  verbose=0))
+        tune_config=tune.TuneConfig(num_samples=remaining, scheduler=scheduler, search_alg=search,
+                                    max_concurrent_trials=plan.max_concurrent, time_budget_s=sweep.sweep_time_budget_s),
+        run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[ends], verbose=0))
+
+
+def replay(scheduler, carried: list[dict], metric: str) -> None:
+    """ASHA's rungs as the carried trials left them: each trial's epochs reported again, in the order the
+    trials reported (a trial is only a trial id to ASHA)."""
+    for record in carried:
+        trial = SimpleNamespace(trial_id=record["trial_id"])
+        scheduler.on_trial_add(None, trial)
+        for epoch, value in enumerate(record["curve"], 1):
+            scheduler.on_trial_result(None, trial, {"epoch": epoch, metric: value})
+        scheduler.on_trial_remove(None, trial)
+
+
+def searcher_reward(record: dict) -> float:
+    """What Tune told the searcher of an ended trial: its last result's metric, which is the best epoch's for a
+    run that finished (its final report) and the last epoch's for one ASHA stopped or that errored."""
+    return record["best_value"] if record["status"] == "finished" else record["curve"][-1]
 
 
 class TrialRunner:
@@ -253,15 +323,27 @@ def trial_line(trial, monitor_key: str, errored: bool) -> str:
             f"epochs, stopped by {stop} | {monitor_key} {shown} | {result.get('time_total_s', 0):.0f} s")
 
 
-class TrialLines(tune.Callback):
-    def __init__(self, monitor_key: str):
-        self.monitor_key = monitor_key
+class TrialEnds(tune.Callback):
+    """As each trial ends: its line, and its row in `sweeps` (the sweep's state that outlives Tune's directory)."""
+
+    def __init__(self, db_uri: str, name: str, base: TrainConfig, sweep_settings: dict, versions: dict):
+        self.db_uri, self.name, self.base, self.sweep_settings, self.versions = (db_uri, name, base, sweep_settings,
+                                                                                 versions)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(trial_line(trial, self.monitor_key, errored=False), flush=True)
+        self.ended(trial, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(trial_line(trial, self.monitor_key, errored=True), flush=True)
+        self.ended(trial, "ERROR")
+
+    def ended(self, trial, tune_status: str) -> None:
+        from tuning.records import finished_runs, trial_record, trial_reports, write_trial
+
+        db = store.connect(self.db_uri)
+        run = finished_runs(db).get(run_id(self.name, trial.trial_id))
+        write_trial(db, trial_record(trial, tune_status, trial_reports(trial), run, self.name, self.base,
+                                     self.sweep_settings, self.versions))
+        print(trial_line(trial, self.base.monitor_key, errored=tune_status == "ERROR"), flush=True)
 
 
 @dataclass
