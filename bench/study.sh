@@ -20,9 +20,10 @@ PY="${PYTHON:-python}"
 DATA="${STUDY_DATA:?set STUDY_DATA to the folder of the study store and runs}"
 DB="$DATA/db" RUNS="$DATA/runs"
 PROTOCOL=(--dataset ml-100k --db "$DB" --storage "$RUNS" --max-len 50 --epochs 100 --patience 10 --monitor ndcg@10)
-# the workers' default thread count (their CPUs, rounded: 1 on 2 cores): 2 threads, whose OpenMP waits are
-# passive, made a batch-16 SASRec epoch slower (169 s against 125-130 s)
-SWEEP=(--num-samples 32 --grace-period 5 --final-seeds 5 --sweep-seed 1)
+# two trials at once, a core each: one trial's worker keeps one core busy and leaves the other idle. The
+# workers keep their default thread count (1): 2 threads, whose OpenMP waits are passive, made a batch-16
+# SASRec epoch slower (169 s against 125-130 s)
+SWEEP=(--num-samples 32 --grace-period 5 --final-seeds 5 --sweep-seed 1 --max-concurrent 2)
 
 "$PY" bench/study_ledger.py load --db "$DB" --storage "$RUNS" --ledger "${STUDY_LEDGER:-bench/results/study/ledger}"
 for model in sasrec fame hm4sr; do
