@@ -102,3 +102,50 @@ def test_time_to_quality_is_counted_from_the_first_step_and_from_launch_to_the_e
                                           "resumed": False}
     slow = SimpleNamespace(epochs=epochs[:1], started_at=run.started_at, restored_at=[])
     assert time_to_quality.reach(slow) == {"epoch": None, "best": 0.05}
+
+
+def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_that_store_holds(tmp_path):
+    """export writes runs, sweeps and the paired runs' test ranks as text with the paths made portable; load
+    into a store elsewhere gives the same rows there, the ranks as the workers wrote them, and keeps rows the
+    store already has."""
+    import json
+    from datetime import datetime, timezone
+
+    import study_ledger  # bench/
+
+    from featurestore import store
+    from training.records import read_runs, write_run
+    from tuning.records import SWEEPS, write_sweep
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    db_uri, storage = str(here / "db"), str(here / "runs")
+    db = store.connect(db_uri)
+    started = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+    for run_id in ("seed-run", "sweep-trial"):
+        write_run(db, {"run_id": run_id, "status": "finished", "started_at": started, "num_workers": 2,
+                       "run_dir": f"{storage}/{run_id}", "test_metrics": json.dumps({"test_ndcg@10": 0.05}),
+                       "config": json.dumps({"settings": {"db": db_uri, "storage": storage, "seed": 1}})})
+    write_sweep(db, "s", [{"sweep_id": "s", "trial_id": "t1", "status": "stopped", "run_id": "sweep-trial",
+                           "curve": [0.01, 0.02], "best_value": 0.02, "reported_at": started}])
+    keys = np.arange(10, dtype=np.int64) - 5
+    for worker, share in enumerate(np.array_split(np.arange(10), 2)):
+        RunDir(storage, "seed-run").write_test_ranks(
+            {"user_key": keys[share], "rank": share.astype(np.int32), "rank_masked": share.astype(np.int32)}, worker, 2)
+    ledger = tmp_path / "ledger"
+    assert study_ledger.export(db_uri, storage, ledger) == {"runs": 2, "sweeps": 1, "test_ranks": 1}  # not the trial's
+    assert str(here) not in "".join(path.read_text() for path in ledger.rglob("*") if path.is_file())
+
+    there_db, there_storage = str(there / "db"), str(there / "runs")
+    other = store.connect(there_db)
+    write_run(other, {"run_id": "sweep-trial", "status": "failed"})  # this store's own, newer row
+    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 1, "sweeps": 1, "test_ranks": 1}
+    runs = read_runs(other).set_index("run_id")
+    loaded = runs.loc["seed-run"]
+    assert loaded.run_dir == f"{there_storage}/seed-run" and loaded.started_at == started
+    assert loaded.config["settings"] == {"db": str(Path(there_db).resolve()), "storage": there_storage, "seed": 1}
+    assert runs.loc["sweep-trial"].status == "failed"
+    ranks = RunDir(there_storage, "seed-run").read_test_ranks(2)
+    assert ranks["user_key"].to_pylist() == sorted(keys.tolist()) and ranks["rank"].to_pylist() == list(range(10))
+    trial = store.open_table(other, SWEEPS).to_pandas().iloc[0]
+    assert json.loads(trial.curve) == [0.01, 0.02] and trial.reported_at == started
+    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 0, "sweeps": 0, "test_ranks": 0}
