@@ -38,9 +38,9 @@ print(len(recorded_trials(store.connect(sys.argv[1]), sys.argv[2])))" "$DB" "$na
 done
 
 rows=(fame-E1 fame-H1 fame-H1-E1 hm4sr-no-temporal hm4sr-no-interactive hm4sr-authors)
-"$PY" bench/study_runs.py --db "$DB" --storage "$RUNS" --dataset ml-100k --rows "${rows[@]}" --seeds 3
+"$PY" bench/study_runs.py --db "$DB" --storage "$RUNS" --dataset ml-100k --rows "${rows[@]}" --seeds 3 --parallel 2
 ttq=(ttq-sasrec-all ttq-sasrec-last ttq-fame-all ttq-fame-last ttq-hm4sr-all ttq-hm4sr-last)
-"$PY" bench/study_runs.py --db "$DB" --storage "$RUNS" --dataset ml-100k --rows "${ttq[@]}" --seeds 3
+"$PY" bench/study_runs.py --db "$DB" --storage "$RUNS" --dataset ml-100k --rows "${ttq[@]}" --seeds 3  # one at a time: their seconds are the result
 
 OUT="${STUDY_RESULTS:-bench/results}"  # rerun these two from the checkout that commits the results
 "$PY" bench/study_table.py --db "$DB" --out "$OUT/study.md" --json "$OUT/study.json" --files "$OUT/study"

@@ -6,6 +6,7 @@ with seeds 1..N themselves; this trains, for each row of STUDY_ROWS, that config
 
     python bench/study_runs.py --db data/study/db --storage data/study/runs --dataset ml-100k --rows fame-E1 --seeds 3
     python bench/study_runs.py ... --dry-run      # the flows/train.py commands, nothing run
+    python bench/study_runs.py ... --parallel 2   # two runs at once (a core each on 2 cores)
 
 Each run is named study-<data set>-<row>-seed<N> and goes through flows/train.py in its own process: a finished
 run is skipped, an interrupted one continues with --resume, so the command can be repeated until all are done.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,18 +132,35 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", required=True, choices=["ml-100k", "ml-1m"])
     parser.add_argument("--rows", nargs="+", required=True, choices=list(STUDY_ROWS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once, each a flows/train.py process (its output in <storage>/<run>.log)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
+    pending = []
     for name, flags, state in commands(args):
-        command = [sys.executable, "flows/train.py", *flags]
         print(f"{name} ({state}): python flows/train.py {' '.join(flags)}", flush=True)
-        if state == "done" or args.dry_run:
-            continue
-        done = subprocess.run(command, cwd=REPO)
-        if done.returncode:
-            print(f"{name}: flows/train.py exited {done.returncode}; rerun this command to continue", flush=True)
-            return done.returncode
-    return 0
+        if state != "done" and not args.dry_run:
+            pending.append((name, [sys.executable, "flows/train.py", *flags]))
+    failed = run_all(pending, max(args.parallel, 1), Path(args.storage))
+    for name, code in failed:
+        print(f"{name}: flows/train.py exited {code}; rerun this command to continue", flush=True)
+    return 1 if failed else 0
+
+
+def run_all(pending: list[tuple[str, list[str]]], parallel: int, logs: Path) -> list[tuple[str, int]]:
+    """Run the commands, `parallel` at once, each one's output in logs/<name>.log; (name, exit status) of those
+    that failed."""
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def run(item: tuple[str, list[str]]) -> tuple[str, int]:
+        name, command = item
+        with open(logs / f"{name}.log", "ab") as log:
+            code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{name}: exited {code}", flush=True)
+        return name, code
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return [(name, code) for name, code in pool.map(run, pending) if code]
 
 
 if __name__ == "__main__":

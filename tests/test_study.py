@@ -149,3 +149,16 @@ def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_t
     trial = store.open_table(other, SWEEPS).to_pandas().iloc[0]
     assert json.loads(trial.curve) == [0.01, 0.02] and trial.reported_at == started
     assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 0, "sweeps": 0, "test_ranks": 0}
+
+
+def test_study_runs_run_side_by_side_each_with_its_log_and_the_failures_are_named(tmp_path):
+    """Each run waits for the other to have started (run one at a time, the first would give up waiting)."""
+    script = ("import pathlib, sys, time; here, other, code = sys.argv[1:]; pathlib.Path(here).touch()\n"
+              "for _ in range(600):\n"
+              "    if pathlib.Path(other).exists(): print('met', other); sys.exit(int(code))\n"
+              "    time.sleep(0.1)\n"
+              "sys.exit(9)")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    pending = [("run-a", [sys.executable, "-c", script, a, b, "0"]), ("run-b", [sys.executable, "-c", script, b, a, "3"])]
+    assert study_runs.run_all(pending, 2, tmp_path / "logs") == [("run-b", 3)]
+    assert (tmp_path / "logs" / "run-a.log").read_text() == f"met {b}\n"

@@ -25,12 +25,11 @@ import pyarrow as pa
 
 from featurestore import store
 from ray import tune
-from training import run_training
 from training.config import TrainConfig
 from training.records import RUNS, now, read_runs
 from training.run import RunDir
 from tuning.space import searched_keys, trial_settings
-from tuning.sweep import SweepResult, continuing, run_id
+from tuning.sweep import SweepResult, run_id, train_seeds
 
 SWEEPS = "sweeps"
 LEADERBOARD_FILE, TRIALS_PLOT, CURVES_PLOT, PARAMS_PLOT = ("leaderboard.md", "best_so_far.png", "learning_curves.png",
@@ -219,24 +218,30 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
     return {TRIALS_PLOT: best_so_far, CURVES_PLOT: curves, PARAMS_PLOT: by_parameter}
 
 
-def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict) -> dict:
+def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict,
+                concurrent: int, path: str) -> dict:
     """The best configuration trained again with seeds 1..N to early stopping (the same seeds for every model,
-    so comparisons pair), on the sweep's splits; the test metrics' mean and std, ranked and masked. Seed 1
-    writes the item vectors. A seed whose run finished already (in `runs`) is not trained again."""
-    tests = {}  # run id -> test metrics
-    for seed in range(1, seeds + 1):
-        settings = trial_settings(trial_base, best["params"], space) | {
-            "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
-        done = finished_runs(db).get(settings["name"])
-        if done is not None and same_settings(done.config["settings"], settings, trial_base):
+    so comparisons pair), on the sweep's splits, `concurrent` at once as the trials ran (a Tune experiment in
+    `path`, the sweep's folder); the test metrics' mean and std, ranked and masked. Seed 1 writes the item
+    vectors. A seed whose run finished already (in `runs`, with these settings) is not trained again."""
+
+    planned = {seed: trial_settings(trial_base, best["params"], space) | {
+        "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
+        for seed in range(1, seeds + 1)}
+    done = finished_runs(db)
+    todo = {seed: settings for seed, settings in planned.items() if settings["name"] not in done
+            or not same_settings(done[settings["name"]].config["settings"], settings, trial_base)}
+    for settings in planned.values():
+        if settings["name"] in done and settings not in todo.values():
             print(f"{settings['name']}: finished already, not trained again", flush=True)
-            tests[done.run_id] = done.test_metrics
-            continue
-        result = run_training(continuing(settings), shared_splits=splits)
-        print("\n".join(result.lines()), flush=True)
-        tests[result.run_id] = result.test
+    errors = train_seeds(todo, splits, concurrent, path) if todo else []
+    done = finished_runs(db)
+    missing = [settings["name"] for settings in planned.values() if settings["name"] not in done]
+    if missing:
+        raise RuntimeError(f"final seed run(s) {', '.join(missing)} did not finish: " + "; ".join(errors))
+    tests = {settings["name"]: done[settings["name"]].test_metrics for settings in planned.values()}
     values = list(tests.values())
-    return {"seeds": list(range(1, seeds + 1)), "runs": list(tests),
+    return {"seeds": list(planned), "runs": list(tests),
             **{f"{m}_mean": float(np.mean([t[m] for t in values])) for m in sorted(values[0])},
             **{f"{m}_std": float(np.std([t[m] for t in values], ddof=1)) if seeds > 1 else 0.0
                for m in sorted(values[0])}}
@@ -253,7 +258,7 @@ def same_settings(recorded: dict, settings: dict, trial_base: dict) -> bool:
 
 
 def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, carried: list[dict],
-                 wall_s: float, splits: dict):
+                 wall_s: float, splits: dict, concurrent: int):
     """Records, leaderboard and plots from the finished sweep (the trials `carried` over from the rows of an
     earlier Tune experiment and those of this one), then the final seeds."""
     run_dir = RunDir(base.storage, name)
@@ -272,7 +277,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
         print(f"sweep {name} interrupted with {len(unfinished)} trial(s) unfinished; continue it with "
               f"--sweep-resume --sweep-name {name}", flush=True)
     elif best is not None and sweep.final_seeds:
-        final = final_seeds(db, best, trial_base, space, sweep.final_seeds, name, splits)
+        final = final_seeds(db, best, trial_base, space, sweep.final_seeds, name, splits, concurrent, run_dir.uri)
         files.append(run_dir.write_bytes("final_seeds.json", json.dumps(final, indent=1).encode()))
     return SweepResult(name=name, path=run_dir.uri, leaderboard=board, best=best, final=final, files=files,
                        wall_time_s=wall_s, unfinished=len(unfinished))

@@ -183,12 +183,16 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
           f"split(s) computed for the trials", flush=True)
     carried = carried_trials(db, name, base, sweep)
+    # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
+    # reservations take the CPUs the running trial's Train workers need, and they never start
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
     ends = TrialEnds(base.db, name, base, sweep_record_settings(base, sweep), versions)
     tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried, ends)
     if tuner is not None:
         tuner.fit()
-    return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, time.perf_counter() - started, splits)
+    return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, time.perf_counter() - started, splits,
+                        plan.max_concurrent)
 
 
 def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig) -> list[dict]:
@@ -229,9 +233,6 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
-    # reservations take the CPUs the running trial's Train workers need, and they never start
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
     # the splits travel through the object store once (Tune's with_parameters), not with every trial
     trainable = tune.with_resources(tune.with_parameters(TrialRunner(name, trial_base, space), splits=splits),
                                     {"cpu": TRIAL_DRIVER_CPUS})
@@ -299,6 +300,32 @@ class TrialRunner:
         settings = trial_settings(self.trial_base, params, self.space)
         settings["name"] = run_id(self.sweep_name, tune.get_context().get_trial_id())
         run_training(continuing(settings), callbacks=[TuneReportCallback()], shared_splits=splits)
+
+
+class SeedRunner:
+    """The trainable of a sweep's final seeds: the run of the seed's settings, resumed if it exists."""
+
+    def __init__(self, settings_by_seed: dict[int, dict]):
+        self.settings_by_seed = settings_by_seed
+
+    def __call__(self, params: dict, splits: dict[tuple, Any]) -> None:
+        from training import run_training
+
+        result = run_training(continuing(self.settings_by_seed[params["seed"]]), shared_splits=splits)
+        print("\n".join(result.lines()), flush=True)
+
+
+def train_seeds(settings_by_seed: dict[int, dict], splits: dict[tuple, Any], concurrent: int, path: str) -> list[str]:
+    """The runs of `settings_by_seed`, `concurrent` at once, as a Tune experiment of their own under `path`
+    (Tune places their driver functions as it placed the trials); the last line of each one's error."""
+    from ray.tune.search import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(SeedRunner(settings_by_seed), splits=splits),
+                                    {"cpu": TRIAL_DRIVER_CPUS})
+    grid = tune.Tuner(trainable, param_space={"seed": tune.grid_search(sorted(settings_by_seed))},
+                      tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
+                      run_config=tune.RunConfig(name="final-seeds", storage_path=path, verbose=0)).fit()
+    return [str(result.error).strip().splitlines()[-1] for result in grid if result.error]
 
 
 def continuing(settings: dict) -> dict:
