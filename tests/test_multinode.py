@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine (the `two_nodes` fixture in conftest.py): where the encode flow's actors and the
 training flow's DDP workers run, asserted from the workers' own node ids and the run record naming those nodes; the metrics of a
-run over two nodes against one on a single node; and a run that loses its second node mid-training."""
+run over two nodes against one on a single node; a sweep's concurrent trials one on each node; and a run that loses its
+second node mid-training."""
 import json
 import os
 import runpy
@@ -120,6 +121,29 @@ def test_spread_puts_a_worker_on_each_node_and_trains_as_one_node_does(two_nodes
     assert abs(two["loss"] - one["loss"]) <= 0.008
     assert abs(two["val_ndcg@20"] - one["val_ndcg@20"]) <= 0.006
     assert abs(two["val_hr@20"] - one["val_hr@20"]) <= 0.02
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_two_trials_at_once_one_on_each_node(two_nodes, tmp_path):
+    """The sweep sizes its trials from the cluster's CPUs (two nodes of 2): two at once, each a worker of 1.5 CPUs
+    beside its driver's 0.25, which fits a node only without the other trial's worker: one trial on each node."""
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.001, 0.002]}\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "tune.py"), "--model", "sasrec", "--db", db.uri, "--storage",
+         str(tmp_path / "runs"), "--space", str(space), "--search", "grid", "--num-samples", "1", "--scheduler",
+         "none", "--max-concurrent", "2", "--epochs", "1", "--max-len", "20", "--hidden-size", "16", "--n-layers",
+         "1", "--batch-size", "256", "--final-seeds", "0", "--sweep-name", "nodes"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": two_nodes.address})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 trial(s) at once, each a driver (0.25 CPU) and workers of 1.5 CPU" in done.stdout
+    runs = records.read_runs(db)
+    first, second = runs[runs.run_id.str.startswith("nodes-")].itertuples()
+    assert first.started_at < second.finished_at and second.started_at < first.finished_at  # at once
+    nodes = {node.node_id for node in two_nodes.list_all_nodes()}
+    assert len(first.worker_nodes) == len(second.worker_nodes) == 1
+    assert {first.worker_nodes[0], second.worker_nodes[0]} == nodes
 
 
 def pending_placement_group(cluster) -> bool:
