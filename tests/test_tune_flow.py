@@ -1,7 +1,9 @@
 """Ray Tune sweeps (flows/tune.py, tuning.sweep, tuning.records): trial sizing, argument checks before Ray
 starts, the splits a sweep computes once and its runs take, and real sweeps on MovieLens-100k in their own Ray
-instances: one where ASHA stops a hopeless trial and the trials after it still start, and one that is killed,
-resumed and retried (shared by the resume and errored-trial tests: a sweep's start-up is what they cost)."""
+instances: one where ASHA stops a hopeless trial and the trials after it still start, one that is killed,
+resumed and retried (shared by the resume and errored-trial tests: a sweep's start-up is what they cost), and
+one that continues from its rows in the store once its Tune directory is gone (with ASHA's replay of the
+carried trials checked against a live ASHA)."""
 import json
 import os
 import shutil
@@ -257,7 +259,8 @@ def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_sto
 
     nothing = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--sweep-name", "lost",
                            "--sweep-resume")
-    assert nothing.returncode != 0 and "nothing to resume" in nothing.stderr + nothing.stdout
+    assert nothing.returncode == 2 and nothing.stderr.startswith("error: nothing to resume: no sweep 'lost'")
+    assert "Started a local Ray instance" not in nothing.stderr + nothing.stdout  # said before Ray starts
     sweep(2)
     first, seed_run = rows(), read_runs(db).set_index("run_id").loc["lost-final-seed1"]
     assert len(first) == 2 and (first.curve.map(json.loads).map(len) >= 1).all()

@@ -166,10 +166,11 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     check_space(dict(space), base.model, sweep.search, base.to_dict())
     name = sweep_name(base, sweep)
     started = time.perf_counter()
+    db = store.connect(base.db)
+    carried = carried_trials(db, name, base, sweep)  # nothing to resume is said before Ray starts
     ensure_ray()
     import ray
 
-    db = store.connect(base.db)
     if base.dataset:
         ensure_dataset(db, base.dataset)  # here, once: the trials then only read the store
     rows = store.read_columns(db, "sequences", ["item_idx"])
@@ -182,7 +183,6 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
           f"split(s) computed for the trials", flush=True)
-    carried = carried_trials(db, name, base, sweep)
     # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
     # reservations take the CPUs the running trial's Train workers need, and they never start
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
