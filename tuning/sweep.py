@@ -187,8 +187,8 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     # reservations take the CPUs the running trial's Train workers need, and they never start
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
-    ends = TrialEnds(base.db, name, base, sweep_record_settings(base, sweep), versions)
-    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried, ends)
+    TrialEnds.context = SweepContext(base.db, name, base, sweep_record_settings(base, sweep), versions)
+    tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried)
     if tuner is not None:
         tuner.fit()
     return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, time.perf_counter() - started, splits,
@@ -226,7 +226,7 @@ def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig) -> list
 
 
 def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, sweep: SweepConfig, plan: TrialPlan,
-                splits: dict[tuple, Any], carried: list[dict], ends: "TrialEnds"):
+                splits: dict[tuple, Any], carried: list[dict]):
     """Tune's restore of the sweep's experiment, or a new experiment for the trials not yet run (None: none
     left), its searcher told of the carried trials and ASHA's rungs rebuilt from their curves."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -266,7 +266,7 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(num_samples=remaining, scheduler=scheduler, search_alg=search,
                                     max_concurrent_trials=plan.max_concurrent, time_budget_s=sweep.sweep_time_budget_s),
-        run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[ends], verbose=0))
+        run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[TrialEnds()], verbose=0))
 
 
 def replay(scheduler, carried: list[dict], metric: str) -> None:
@@ -350,12 +350,25 @@ def trial_line(trial, monitor_key: str, errored: bool) -> str:
             f"epochs, stopped by {stop} | {monitor_key} {shown} | {result.get('time_total_s', 0):.0f} s")
 
 
-class TrialEnds(tune.Callback):
-    """As each trial ends: its line, and its row in `sweeps` (the sweep's state that outlives Tune's directory)."""
+@dataclass
+class SweepContext:
+    """What TrialEnds records a trial's row with: the store and settings of the sweep this process runs."""
 
-    def __init__(self, db_uri: str, name: str, base: TrainConfig, sweep_settings: dict, versions: dict):
-        self.db_uri, self.name, self.base, self.sweep_settings, self.versions = (db_uri, name, base, sweep_settings,
-                                                                                 versions)
+    db_uri: str
+    name: str
+    base: TrainConfig
+    sweep_settings: dict
+    versions: dict
+
+
+class TrialEnds(tune.Callback):
+    """As each trial ends: its line, and its row in `sweeps` (the sweep's state that outlives Tune's directory).
+
+    Tune pickles its callbacks with the experiment and a restored sweep gets those back, so the store and settings
+    are not the callback's own: run_sweep sets `context` for the sweep it runs (a sweep resumed with another
+    --db records into that one)."""
+
+    context: SweepContext | None = None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended(trial, "TERMINATED")
@@ -366,11 +379,12 @@ class TrialEnds(tune.Callback):
     def ended(self, trial, tune_status: str) -> None:
         from tuning.records import finished_runs, trial_record, trial_reports, write_trial
 
-        db = store.connect(self.db_uri)
-        run = finished_runs(db).get(run_id(self.name, trial.trial_id))
-        write_trial(db, trial_record(trial, tune_status, trial_reports(trial), run, self.name, self.base,
-                                     self.sweep_settings, self.versions))
-        print(trial_line(trial, self.base.monitor_key, errored=tune_status == "ERROR"), flush=True)
+        context = TrialEnds.context
+        db = store.connect(context.db_uri)
+        run = finished_runs(db).get(run_id(context.name, trial.trial_id))
+        write_trial(db, trial_record(trial, tune_status, trial_reports(trial), run, context.name, context.base,
+                                     context.sweep_settings, context.versions))
+        print(trial_line(trial, context.base.monitor_key, errored=tune_status == "ERROR"), flush=True)
 
 
 @dataclass
