@@ -4,7 +4,8 @@
 # from a checkout that is not edited meanwhile, since every trial imports the code afresh:
 #
 #   git worktree add --detach ../study HEAD
-#   STUDY_DATA=$PWD/data/study nohup ../study/bench/study.sh > data/study/study.log 2>&1 &
+#   mkdir -p ~/study-data/logs   # outside the work tree
+#   STUDY_DATA=~/study-data nohup ../study/bench/study.sh > ~/study-data/logs/study.log 2>&1 &
 #
 # Its state is the store (`runs`, `sweeps`, the runs' test ranks); bench/study_ledger.py keeps that in the
 # repository (export it, commit bench/results/study/ledger), and this loads it into a fresh store first, so the
