@@ -31,8 +31,8 @@ for model in sasrec fame hm4sr; do
   name="study-ml100k-$model"
   [[ -f "$RUNS/$name/final_seeds.json" ]] && continue
   # resumed from Tune's directory if there is one, else from the sweep's rows in the store
-  recorded=$("$PY" -c "import sys; from featurestore import store; from tuning.records import recorded_trials
-print(len(recorded_trials(store.connect(sys.argv[1]), sys.argv[2])))" "$DB" "$name")
+  recorded=$("$PY" -c "import sys; from featurestore import store; from tuning.records import DONE, recorded_trials
+print(sum(r['status'] in DONE for r in recorded_trials(store.connect(sys.argv[1]), sys.argv[2])))" "$DB" "$name")
   resume=() && [[ -f "$RUNS/$name/tuner.pkl" || $recorded -gt 0 ]] && resume=(--sweep-resume)
   flags=() && [[ $model == hm4sr ]] && flags=(--modalities id text)
   "$PY" flows/tune.py --model "$model" --sweep-name "$name" "${PROTOCOL[@]}" "${SWEEP[@]}" "${flags[@]}" "${resume[@]}"

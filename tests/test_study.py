@@ -159,6 +159,7 @@ def test_study_runs_run_side_by_side_each_with_its_log_and_the_failures_are_name
               "    time.sleep(0.1)\n"
               "sys.exit(9)")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    pending = [("run-a", [sys.executable, "-c", script, a, b, "0"]), ("run-b", [sys.executable, "-c", script, b, a, "3"])]
+    pending = [("run-a", [sys.executable, "-c", script, a, b, "0"]),
+               ("run-b", [sys.executable, "-c", script, b, a, "3"])]
     assert study_runs.run_all(pending, 2, tmp_path / "logs") == [("run-b", 3)]
     assert (tmp_path / "logs" / "run-a.log").read_text() == f"met {b}\n"

@@ -201,6 +201,21 @@ def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tm
     assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
 
 
+def test_a_sweep_continued_from_the_store_over_another_space_is_refused_before_ray_starts(tmp_path):
+    from tuning.records import write_sweep
+
+    db = store.connect(str(tmp_path / "db"))
+    ran_over = {"lr": {"loguniform": [1e-3, 1e-2]}}
+    write_sweep(db, "s", [{"sweep_id": "s", "trial_id": "t1", "status": "finished", "curve": [0.05],
+                           "config": "{}", "best_value": 0.05, "settings": json.dumps({"space": ran_over})}])
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    done = tune_command("--model", "sasrec", "--db", str(tmp_path / "db"), "--storage", str(tmp_path / "runs"),
+                        "--space", str(space), "--sweep-name", "s", "--sweep-resume")
+    assert done.returncode == 2 and "sweep 's' ran over another search space" in done.stderr
+    assert "Ray" not in done.stdout + done.stderr
+
+
 def test_asha_replayed_from_the_carried_trials_curves_stops_what_it_would_have_stopped_live():
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -277,6 +292,8 @@ def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_sto
     assert sum(line.startswith("trial ") for line in more.stdout.splitlines()) == 1
     after = rows()
     assert len(after) == 3 and set(first.index) < set(after.index)
+    (new,) = set(after.index) - set(first.index)
+    assert after.loc[new].config not in set(first.config)  # the searcher did not draw a carried trial again
     pd.testing.assert_frame_equal(after.loc[first.index, ["config", "best_value"]], first[["config", "best_value"]])
     final = json.loads((runs / "lost" / "final_seeds.json").read_text())
     best = json.loads(after.loc[after.best_value.idxmax()].config)

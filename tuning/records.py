@@ -86,8 +86,10 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
     result = trial.last_result or {}
     if run is not None:  # the run's own history: whole, even when Tune restarted the trial after it finished
         epochs = run.epochs  # (it then only scored its test split)
-    else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps)
-        epochs = [r for r in reports if r.get("steps") is not None and r["steps"] == r["steps"]]  # not NaN
+    else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps); a trial resumed
+        # from an earlier checkpoint reports some epochs again, and the last report of an epoch stands
+        told = {r["epoch"]: r for r in reports if r.get("steps") is not None and r["steps"] == r["steps"]}  # not NaN
+        epochs = [told[epoch] for epoch in sorted(told)]
     monitored = [float(m[base.monitor_key]) for m in epochs]
     if tune_status == "ERROR":
         status, stop = "errored", error_text(trial)
@@ -102,7 +104,8 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         "sweep_id": name, "trial_id": trial.trial_id, "model": base.model,
         "config": json.dumps(trial.config, sort_keys=True), "status": status, "stop_reason": stop,
         "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
-        "best_value": float(max(monitored)) if monitored else None, "curve": monitored, "run_id": run_id(name, trial.trial_id),
+        "best_value": float(max(monitored)) if monitored else None, "curve": monitored,
+        "run_id": run_id(name, trial.trial_id),
         "time_s": float(result.get("time_total_s") or 0.0),
         "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
         "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
@@ -228,16 +231,24 @@ def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name:
     planned = {seed: trial_settings(trial_base, best["params"], space) | {
         "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
         for seed in range(1, seeds + 1)}
+
+    def trained(done: dict, settings: dict) -> bool:
+        run = done.get(settings["name"])
+        return run is not None and same_settings(run.config["settings"], settings, trial_base)
+
     done = finished_runs(db)
-    todo = {seed: settings for seed, settings in planned.items() if settings["name"] not in done
-            or not same_settings(done[settings["name"]].config["settings"], settings, trial_base)}
-    for settings in planned.values():
-        if settings["name"] in done and settings not in todo.values():
+    todo = {seed: settings for seed, settings in planned.items() if not trained(done, settings)}
+    for seed, settings in planned.items():
+        if seed not in todo:
             print(f"{settings['name']}: finished already, not trained again", flush=True)
+        elif settings["name"] in done:  # a seed of an earlier best configuration: its run makes way
+            print(f"{settings['name']}: trained again, with the best configuration's settings", flush=True)
+            stale = RunDir(settings["storage"], settings["name"])
+            stale.fs.delete_dir_contents(stale.path, missing_dir_ok=True)
     errors = train_seeds(todo, splits, concurrent, path) if todo else []
     done = finished_runs(db)
-    missing = [settings["name"] for settings in planned.values() if settings["name"] not in done]
-    if missing:
+    missing = [settings["name"] for settings in planned.values() if not trained(done, settings)]
+    if missing or errors:
         raise RuntimeError(f"final seed run(s) {', '.join(missing)} did not finish: " + "; ".join(errors))
     tests = {settings["name"]: done[settings["name"]].test_metrics for settings in planned.values()}
     values = list(tests.values())
@@ -263,7 +274,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     earlier Tune experiment and those of this one), then the final seeds."""
     run_dir = RunDir(base.storage, name)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
-    records = carried + trial_records(db, run_dir.uri, name, base, sweep_record_settings(base, sweep), versions)
+    records = carried + trial_records(db, run_dir.uri, name, base, sweep_record_settings(base, sweep, space), versions)
     write_sweep(db, name, records)
     keys = searched_keys(space)
     board = leaderboard(records, keys, base.monitor_key)
@@ -283,9 +294,9 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
                        wall_time_s=wall_s, unfinished=len(unfinished))
 
 
-def sweep_record_settings(base: TrainConfig, sweep) -> dict:
-    """What a sweep's rows keep of its settings: the fixed training settings and the sweep's own."""
-    return {"training": base.to_dict(), "sweep": asdict(sweep)}
+def sweep_record_settings(base: TrainConfig, sweep, space: dict) -> dict:
+    """What a sweep's rows keep of its settings: the fixed training settings, the sweep's own and the space."""
+    return {"training": base.to_dict(), "sweep": asdict(sweep), "space": dict(space)}
 
 
 def unfinished_trials(records: list[dict]) -> list[str]:

@@ -167,7 +167,7 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     name = sweep_name(base, sweep)
     started = time.perf_counter()
     db = store.connect(base.db)
-    carried = carried_trials(db, name, base, sweep)  # nothing to resume is said before Ray starts
+    carried = carried_trials(db, name, base, sweep, space)  # nothing to resume is said before Ray starts
     ensure_ray()
     import ray
 
@@ -187,7 +187,7 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     # reservations take the CPUs the running trial's Train workers need, and they never start
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
     versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
-    TrialEnds.context = SweepContext(base.db, name, base, sweep_record_settings(base, sweep), versions)
+    TrialEnds.context = SweepContext(base.db, name, base, sweep_record_settings(base, sweep, space), versions)
     tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried)
     if tuner is not None:
         tuner.fit()
@@ -195,12 +195,13 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
                         plan.max_concurrent)
 
 
-def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig) -> list[dict]:
+def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: Mapping[str, Any]) -> list[dict]:
     """The trials of an earlier Tune experiment of the sweep that this one carries over (their rows in `sweeps`).
 
     A fresh sweep carries none; a sweep Tune restores carries what its experiment carried when it began; a
     resumed sweep without a Tune directory carries every trial that ended, errored ones only without
-    --retry-errored (with it they are sampled anew), and records their ids for later restores.
+    --retry-errored (with it they are sampled anew), and records their ids for later restores. Trials of
+    another search space are refused: the searcher could not be told of them.
     """
     from training.run import RunDir
     from tuning.records import DONE, recorded_trials
@@ -219,6 +220,10 @@ def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig) -> list
     if sweep.search == "grid":
         raise ValueError(f"sweep {name!r} has no Tune directory in {base.storage}: a grid sweep continues only "
                          f"from it (its trials are the grid's points in order)")
+    spaces = {json.dumps(json.loads(r["settings"] or "{}").get("space"), sort_keys=True) for r in ended}
+    if spaces - {json.dumps(None), json.dumps(dict(space), sort_keys=True)}:  # (rows from before spaces were kept)
+        raise ValueError(f"sweep {name!r} ran over another search space than this one: continue it with that "
+                         f"space (--space), or start a sweep of another name")
     run_dir.write_bytes(CARRIED_FILE, json.dumps([r["trial_id"] for r in ended]).encode())
     print(f"sweep {name}: no Tune directory; continuing from the store with {len(ended)} ended trial(s) carried "
           f"over", flush=True)
@@ -236,7 +241,9 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
     # the splits travel through the object store once (Tune's with_parameters), not with every trial
     trainable = tune.with_resources(tune.with_parameters(TrialRunner(name, trial_base, space), splits=splits),
                                     {"cpu": TRIAL_DRIVER_CPUS})
-    path = f"{base.storage.rstrip('/')}/{name}"
+    from training.run import RunDir
+
+    path = RunDir(base.storage, name).uri
     if sweep.sweep_resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=sweep.retry_errored, param_space=param_space(space))
@@ -253,15 +260,18 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
                  if sweep.scheduler == "asha" else FIFOScheduler())
     if sweep.scheduler == "asha":
         replay(scheduler, carried, metric)
-    told = [r for r in carried if r["curve"]]  # an errored trial that never reported tells the searcher nothing
+    # live, Tune tells the searcher an errored trial failed and TPE leaves it out: so here
+    told = [r for r in carried if r["curve"] and r["status"] != "errored"]
     # a trial's driver needs little, so Tune would start every trial at once: the limit must hold, or their
     # Train workers wait on each other (Tune applies max_concurrent_trials to a Searcher, not to a generator)
-    search = (OptunaSearch(metric=metric, mode="max", seed=sweep.sweep_seed,
+    # a continued sweep's searcher takes another seed: TPE's first samples are random, and the same seed would
+    # draw the carried trials' configurations again
+    seed = sweep.sweep_seed + 1_000_003 * len(carried)
+    search = (OptunaSearch(metric=metric, mode="max", seed=seed,
                            points_to_evaluate=[r["params"] for r in told] or None,
                            evaluated_rewards=[searcher_reward(r) for r in told] or None)
-              if sweep.search == "optuna" else  # random: a continued sweep draws on, not the same trials again
-              BasicVariantGenerator(random_state=sweep.sweep_seed + 1_000_003 * len(carried),
-                                    max_concurrent=plan.max_concurrent))
+              if sweep.search == "optuna" else
+              BasicVariantGenerator(random_state=seed, max_concurrent=plan.max_concurrent))
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(num_samples=remaining, scheduler=scheduler, search_alg=search,
@@ -281,8 +291,8 @@ def replay(scheduler, carried: list[dict], metric: str) -> None:
 
 
 def searcher_reward(record: dict) -> float:
-    """What Tune told the searcher of an ended trial: its last result's metric, which is the best epoch's for a
-    run that finished (its final report) and the last epoch's for one ASHA stopped or that errored."""
+    """What Tune told the searcher of a trial that ended without error: its last result's metric, which is the
+    best epoch's for a run that finished (its final report) and the last epoch's for one ASHA stopped."""
     return record["best_value"] if record["status"] == "finished" else record["curve"][-1]
 
 
@@ -325,7 +335,7 @@ def train_seeds(settings_by_seed: dict[int, dict], splits: dict[tuple, Any], con
     grid = tune.Tuner(trainable, param_space={"seed": tune.grid_search(sorted(settings_by_seed))},
                       tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
                       run_config=tune.RunConfig(name="final-seeds", storage_path=path, verbose=0)).fit()
-    return [str(result.error).strip().splitlines()[-1] for result in grid if result.error]
+    return [(str(result.error).strip().splitlines() or ["an error"])[-1] for result in grid if result.error]
 
 
 def continuing(settings: dict) -> dict:
@@ -380,11 +390,15 @@ class TrialEnds(tune.Callback):
         from tuning.records import finished_runs, trial_record, trial_reports, write_trial
 
         context = TrialEnds.context
-        db = store.connect(context.db_uri)
-        run = finished_runs(db).get(run_id(context.name, trial.trial_id))
-        write_trial(db, trial_record(trial, tune_status, trial_reports(trial), run, context.name, context.base,
-                                     context.sweep_settings, context.versions))
         print(trial_line(trial, context.base.monitor_key, errored=tune_status == "ERROR"), flush=True)
+        try:  # the sweep goes on without it: its end writes every row again
+            db = store.connect(context.db_uri)
+            run = finished_runs(db).get(run_id(context.name, trial.trial_id))
+            write_trial(db, trial_record(trial, tune_status, trial_reports(trial), run, context.name, context.base,
+                                         context.sweep_settings, context.versions))
+        except Exception as error:  # noqa: BLE001 - Tune would end the whole sweep on a callback's exception
+            print(f"trial {trial.trial_id}: its row in sweeps was not written now ({error!r}); the sweep's end "
+                  f"writes it", flush=True)
 
 
 @dataclass
