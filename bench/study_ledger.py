@@ -34,6 +34,8 @@ from tuning.records import SWEEPS, SWEEPS_SCHEMA  # noqa: E402
 
 LEDGER = REPO / "bench" / "results" / "study" / "ledger"
 TABLES = {RUNS: (RUNS_SCHEMA, ["run_id"]), SWEEPS: (SWEEPS_SCHEMA, ["sweep_id", "trial_id"])}
+# the columns that date a row, the first set one counting: of two versions of a row the later one stands
+WRITTEN = {RUNS: ["finished_at", "started_at"], SWEEPS: ["recorded_at"]}
 RANKS = "test_ranks"
 
 
@@ -93,17 +95,19 @@ def export(db_uri: str, storage: str, ledger: Path) -> dict[str, int]:
 
 
 def load(db_uri: str, storage: str, ledger: Path) -> dict[str, int]:
-    """Put the ledger's rows that the store lacks into it (the store's own rows are as new or newer) and their
-    runs' test ranks beside the runs; the counts of what was loaded."""
+    """Put the ledger's rows into the store where the store lacks them or holds an older version (a row dated
+    later in the store, or not dated at all, stays: that store went on from the ledger), and their runs' test
+    ranks beside the runs; the counts of what was loaded."""
     db, paths = store.connect(db_uri), places(db_uri, storage)
     counts, loaded_runs = {}, {}
     for name, (schema, keys) in TABLES.items():
         source = ledger / f"{name}.jsonl"
         lines = [json.loads(line) for line in source.read_text().splitlines()] if source.exists() else []
-        held = ({tuple(row[k] for k in keys) for row in store.read_columns(db, name, keys).to_pylist()}
-                if name in store.table_names(db) else set())
-        rows = [{f.name: local(line.get(f.name), f, paths) for f in schema} for line in lines
-                if tuple(line[k] for k in keys) not in held]
+        held = ({tuple(row[k] for k in keys): written(row, name)
+                 for row in store.read_columns(db, name, keys + WRITTEN[name]).to_pylist()}
+                if name in store.table_names(db) else {})
+        rows = [{f.name: local(line.get(f.name), f, paths) for f in schema} for line in lines]
+        rows = [row for row in rows if newer(written(row, name), held, tuple(row[k] for k in keys))]
         if rows:
             store.add_missing_fields(db, name, schema)
             store.upsert(db, name, pa.Table.from_pylist(rows, schema=schema), keys)
@@ -120,6 +124,17 @@ def load(db_uri: str, storage: str, ledger: Path) -> dict[str, int]:
             run_dir.write_test_ranks({name: part[name].to_numpy() for name in part.column_names}, rank, workers)
     counts[RANKS] = len(files)
     return counts
+
+
+def written(row: dict, table: str) -> datetime | None:
+    return next((row[column] for column in WRITTEN[table] if row.get(column) is not None), None)
+
+
+def newer(stamp: datetime | None, held: dict, key: tuple) -> bool:
+    """Whether a ledger row dated `stamp` goes into a store that holds `held` (key -> date)."""
+    if key not in held:
+        return True
+    return stamp is not None and held[key] is not None and stamp > held[key]
 
 
 def main(argv=None) -> int:

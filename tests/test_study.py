@@ -106,10 +106,10 @@ def test_time_to_quality_is_counted_from_the_first_step_and_from_launch_to_the_e
 
 def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_that_store_holds(tmp_path):
     """export writes runs, sweeps and the paired runs' test ranks as text with the paths made portable; load
-    into a store elsewhere gives the same rows there, the ranks as the workers wrote them, and keeps rows the
-    store already has."""
+    into a store elsewhere gives the same rows there, the ranks as the workers wrote them, and keeps the rows
+    that store holds in a later version."""
     import json
-    from datetime import datetime, timezone
+    from datetime import datetime, timedelta, timezone
 
     import study_ledger  # bench/
 
@@ -137,11 +137,13 @@ def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_t
 
     there_db, there_storage = str(there / "db"), str(there / "runs")
     other = store.connect(there_db)
-    write_run(other, {"run_id": "sweep-trial", "status": "failed"})  # this store's own, newer row
+    hour = timedelta(hours=1)
+    write_run(other, {"run_id": "sweep-trial", "status": "failed", "started_at": started + hour})  # newer: stays
+    write_run(other, {"run_id": "seed-run", "status": "failed", "started_at": started - hour})  # older: replaced
     assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 1, "sweeps": 1, "test_ranks": 1}
     runs = read_runs(other).set_index("run_id")
     loaded = runs.loc["seed-run"]
-    assert loaded.run_dir == f"{there_storage}/seed-run" and loaded.started_at == started
+    assert loaded.status == "finished" and loaded.run_dir == f"{there_storage}/seed-run" and loaded.started_at == started
     assert loaded.config["settings"] == {"db": str(Path(there_db).resolve()), "storage": there_storage, "seed": 1}
     assert runs.loc["sweep-trial"].status == "failed"
     ranks = RunDir(there_storage, "seed-run").read_test_ranks(2)
