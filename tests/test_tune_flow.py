@@ -255,7 +255,8 @@ def test_asha_replayed_from_the_carried_trials_curves_stops_what_it_would_have_s
 def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_store(tmp_path):
     """Another machine or session: the store is all that is left of the sweep. Continued with --sweep-resume, it
     carries the ended trials over (rows unchanged), runs only the trials missing, and trains a final seed again
-    only if the best configuration changed."""
+    only if the best configuration changed. The Tune directory found again later is refused as older than the
+    rows."""
     db = build_ml100k_store(str(tmp_path / "db"), 16)
     space = tmp_path / "space.yaml"
     space.write_text("lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
@@ -279,7 +280,7 @@ def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_sto
     sweep(2)
     first, seed_run = rows(), read_runs(db).set_index("run_id").loc["lost-final-seed1"]
     assert len(first) == 2 and (first.curve.map(json.loads).map(len) >= 1).all()
-    shutil.rmtree(runs / "lost")
+    shutil.move(runs / "lost", tmp_path / "lost-tune-dir")
 
     same = sweep(2, "--sweep-resume")  # every trial ended: nothing trains, not even the final seed
     assert "continuing from the store with 2 ended trial(s)" in same.stdout
@@ -299,6 +300,16 @@ def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_sto
     best = json.loads(after.loc[after.best_value.idxmax()].config)
     assert final["runs"] == ["lost-final-seed1"]
     assert read_runs(db).set_index("run_id").loc["lost-final-seed1"].config["settings"]["lr"] == best["lr"]
+
+    # the first Tune directory comes back (a disk that was not lost after all): it does not know the third
+    # trial, and restoring it would record its two trials over the sweep's rows
+    shutil.rmtree(runs / "lost")
+    shutil.move(tmp_path / "lost-tune-dir", runs / "lost")
+    stale = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--space", str(space),
+                         "--sweep-name", "lost", "--sweep-resume")
+    assert stale.returncode == 2 and "ended trial(s) that its Tune directory" in stale.stderr
+    assert new in stale.stderr and "Started a local Ray instance" not in stale.stderr + stale.stdout
+    assert len(rows()) == 3
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,17 @@ def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: 
         return []
     if tune.Tuner.can_restore(run_dir.uri):
         ids = set(json.loads(run_dir.read_text(CARRIED_FILE))) if run_dir.exists(CARRIED_FILE) else set()
-        return [r for r in recorded_trials(db, name) if r["trial_id"] in ids]
+        recorded = recorded_trials(db, name)
+        # Tune's restore would record its own trials over the sweep's rows: the rows of trials it does not know
+        # (the sweep went on from the store elsewhere) would be lost
+        known = ids | {trial.trial_id for trial in tune.ExperimentAnalysis(run_dir.uri).trials}
+        unknown = [r["trial_id"] for r in recorded if r["status"] in DONE and r["trial_id"] not in known]
+        if unknown:
+            raise ValueError(f"sweep {name!r}: the store holds {len(unknown)} ended trial(s) that its Tune "
+                             f"directory {run_dir.uri} does not know ({', '.join(unknown[:3])}"
+                             f"{', ...' if len(unknown) > 3 else ''}): the directory is older than the sweep's "
+                             f"rows; move it aside and resume again to continue from the store")
+        return [r for r in recorded if r["trial_id"] in ids]
     ended = [r for r in recorded_trials(db, name)
              if r["status"] in DONE and not (sweep.retry_errored and r["status"] == "errored")]
     if not ended:
