@@ -155,7 +155,12 @@ def recorded_trials(db, name: str) -> list[dict]:
     rows = store.read_columns(db, SWEEPS, where=f"sweep_id = {store.sql_string(name)}").to_pylist()
     for row in rows:
         row |= {"params": json.loads(row["config"]), "curve": json.loads(row["curve"] or "[]")}
-    return sorted(rows, key=lambda r: (r["reported_at"] is None, r["reported_at"] or now()))
+    return sorted(rows, key=by_last_report)
+
+
+def by_last_report(record: dict) -> tuple:
+    """Sort key: trials in the order of their last reports, those without one last."""
+    return record["reported_at"] is None, record["reported_at"] or now()
 
 
 def leaderboard(records: list[dict], keys: list[str], monitor_key: str) -> str:
@@ -193,7 +198,7 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
     scored = [r for r in records if r["best_value"] is not None]
     figure, axis = plt.subplots(figsize=(6, 4))
     # by trial, not by wall time: a sweep continued on another day or machine has one axis still
-    order = sorted(scored, key=lambda r: (r["reported_at"] is None, r["reported_at"] or now()))
+    order = sorted(scored, key=by_last_report)
     axis.step(range(1, len(order) + 1), np.maximum.accumulate([r["best_value"] for r in order]), where="post",
               marker=".")
     axis.set(xlabel="trials, in the order they last reported", ylabel=f"best {monitor_key} so far")
