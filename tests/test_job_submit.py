@@ -131,8 +131,11 @@ def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_pa
     assert table.count_rows() == n and table.count_rows("image_emb IS NULL") == 0
 
 
-def test_ray_job_submit_runs_a_sweep_on_the_cluster(head_node, tmp_path):
-    """Two trials through `ray job submit`: the sweep's driver is the job, its trials the cluster's."""
+def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_stopped_starts(head_node, tmp_path):
+    """Three trials, one at a time, through `ray job submit`: the sweep's driver is the job, its trials the
+    cluster's. ASHA stops the second (lr 1e-6 learns nothing in an epoch) and the third must still get its
+    workers: Tune kills a stopped trial, and Ray Train's own clean-up of its placement group fails wherever a second
+    Ray instance runs on the machine (as the test session's does), so the sweep removes it (tuning.sweep)."""
     from featurestore import store
     from tuning.records import SWEEPS
 
@@ -141,12 +144,17 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster(head_node, tmp_path):
     env, address = head_node
     db = build_ml100k_store(str(tmp_path / "db"), 16)
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.005, 0.008]}\n")
+    space.write_text("lr: {grid: [0.005, 0.000001, 0.006]}\n")
     output = submit(address, env, "flows/tune.py", "--model", "sasrec", "--db", db.uri, "--storage",
                     str(tmp_path / "runs"), "--space", str(space), "--search", "grid", "--num-samples", "1",
-                    "--scheduler", "none", "--epochs", "1", "--max-len", "20", "--hidden-size", "16",
-                    "--n-layers", "1", "--final-seeds", "0", "--sweep-name", "submitted")
-    assert sum(line.startswith("trial ") for line in output.splitlines()) == 2
-    trials = store.open_table(db, SWEEPS).to_pandas()
-    assert len(trials) == 2 and (trials.status == "finished").all() and (trials.epochs == 1).all()
+                    "--grace-period", "1", "--epochs", "3", "--monitor", "ndcg@10", "--max-len", "20",
+                    "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "0",
+                    "--sweep-name", "submitted")
+    assert sum(line.startswith("trial ") for line in output.splitlines()) == 3
+    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
+    assert len(trials) == 3
+    hopeless = trials.loc[json.dumps({"lr": 1e-06})]
+    assert (hopeless.status, hopeless.stop_reason) == ("stopped", "ASHA") and hopeless.epochs < 3
+    after = trials.loc[json.dumps({"lr": 0.006})]
+    assert after.status in ("finished", "stopped") and after.epochs >= 1, output[-3000:]  # its workers started
     assert (tmp_path / "runs" / "submitted" / "leaderboard.md").stat().st_size > 0

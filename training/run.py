@@ -46,6 +46,9 @@ WORKER_GROUP_START_ATTEMPTS = 5
 PLOT_FILE = "learning_curves.png"
 TEST_RANKS = "test_ranks"  # the folder of the workers' per-user test ranks
 WORKER_NODES = "worker_nodes"  # the key of the workers' node ids in rank 0's result
+# rank 0 writes the id of its worker group's placement group here: a sweep removes a stopped trial's
+# (tuning.sweep.TrialEnds), which Ray Train itself does not reliably
+PLACEMENT_GROUP_FILE = "placement_group"
 
 
 class RunDir:
@@ -289,6 +292,9 @@ def train_loop_on_nodes(config: dict) -> dict:
 
     from training.loop import train_loop
 
+    group = ray.util.get_current_placement_group()
+    if group is not None and ray.train.get_context().get_world_rank() == 0:
+        config["run_dir"].write_bytes(PLACEMENT_GROUP_FILE, group.id.hex().encode())
     node = ray.get_runtime_context().get_node_id()
     nodes = [node]
     if dist.is_initialized():

@@ -35,6 +35,7 @@ from typing import Any
 from featurestore import store
 from featurestore.raycluster import DATA_CPU_RESERVE, ResourcePlanError, ensure_ray  # before Ray is imported
 from featurestore.sequences import split_counts
+import ray
 from ray import tune
 from training.config import TrainConfig
 from training.data import ensure_dataset, shared_splits, snapshot_store
@@ -169,7 +170,6 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     db = store.connect(base.db)
     carried = carried_trials(db, name, base, sweep, space)  # nothing to resume is said before Ray starts
     ensure_ray()
-    import ray
 
     if base.dataset:
         ensure_dataset(db, base.dataset)  # here, once: the trials then only read the store
@@ -178,7 +178,7 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     plan = plan_trials(ray.cluster_resources().get("CPU", 0.0), base, sweep.max_concurrent)
     splits = sweep_splits(db, base, space)
     trial_base = {**base.to_dict(), "cpus_per_worker": plan.cpus_per_worker, "dataset": None,
-                  "storage": f"{base.storage.rstrip('/')}/{name}/runs", "save_item_vectors": False,
+                  "storage": trials_storage(base.storage, name), "save_item_vectors": False,
                   "save_plot": False}
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
@@ -355,6 +355,11 @@ def continuing(settings: dict) -> dict:
     return settings | {"resume": RunDir(settings["storage"], settings["name"]).exists(SETTINGS_FILE)}
 
 
+def trials_storage(storage: str, sweep_name: str) -> str:
+    """Where the sweep's trials keep their runs: under the sweep's directory."""
+    return f"{storage.rstrip('/')}/{sweep_name}/runs"
+
+
 def run_id(sweep_name: str, trial_id: str) -> str:
     """A trial's run id in `runs`, which every sweep and run of the store shares."""
     return f"{sweep_name}-{trial_id}"
@@ -379,6 +384,7 @@ class SweepContext:
     base: TrainConfig
     sweep_settings: dict
     versions: dict
+    released: set = field(default_factory=set)  # the placement groups TrialEnds removed
 
 
 class TrialEnds(tune.Callback):
@@ -396,6 +402,12 @@ class TrialEnds(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended(trial, "ERROR")
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        # again before each start: a stopped trial's controller may have started another worker group meanwhile
+        for ended in trials:
+            if ended.status in ("TERMINATED", "ERROR"):
+                release_workers(TrialEnds.context, ended.trial_id)
+
     def ended(self, trial, tune_status: str) -> None:
         from tuning.records import finished_runs, trial_record, trial_reports, write_trial
 
@@ -409,6 +421,29 @@ class TrialEnds(tune.Callback):
         except Exception as error:  # noqa: BLE001 - Tune would end the whole sweep on a callback's exception
             print(f"trial {trial.trial_id}: its row in sweeps was not written now ({error!r}); the sweep's end "
                   f"writes it", flush=True)
+        release_workers(context, trial.trial_id)
+
+
+def release_workers(context: SweepContext, trial_id: str) -> None:
+    """Removes the placement group of an ended trial's Ray Train workers if it is still there. Tune kills a trial
+    that ASHA stops; Train V2 then leaves the group to its PlacementGroupCleaner, which asks the State API whether
+    the controller died and gives up for good on a machine with two Ray instances ("Found multiple active Ray
+    instances"): the group keeps its CPUs and the next trial's workers never start."""
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    from training.run import PLACEMENT_GROUP_FILE, RunDir
+
+    try:
+        run_dir = RunDir(trials_storage(context.base.storage, context.name), run_id(context.name, trial_id))
+        if not run_dir.exists(PLACEMENT_GROUP_FILE):
+            return  # its workers never started
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(run_dir.read_text(PLACEMENT_GROUP_FILE))))
+        if group.id.hex() not in context.released:
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
+            context.released.add(group.id.hex())
+    except Exception as error:  # noqa: BLE001 - Tune would end the whole sweep on a callback's exception
+        print(f"trial {trial_id}: its workers' placement group was not removed ({error!r})", flush=True)
 
 
 @dataclass
