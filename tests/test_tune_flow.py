@@ -251,6 +251,26 @@ def test_asha_replayed_from_the_carried_trials_curves_stops_what_it_would_have_s
     assert decisions(replayed, strong) == [TrialScheduler.CONTINUE] * 4
 
 
+def test_asha_lets_a_weak_trial_end_at_the_report_where_its_run_stopped_by_itself():
+    """Stopped there, the trial's driver would be killed before it writes its run's record (seen in the study:
+    a trial whose patience ran out at a rung). The report still counts in the rung."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuning.sweep import ASHALettingRunsEnd
+
+    asha = ASHALettingRunsEnd(time_attr="epoch", metric="val", mode="max", max_t=9, grace_period=1, reduction_factor=2)
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("strong", "weak", "ending")}
+    for trial in trials.values():
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, trials["strong"], {"epoch": 1, "val": 0.3}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, trials["weak"], {"epoch": 1, "val": 0.1, "stop_reason": None}) \
+        == TrialScheduler.STOP
+    assert asha.on_trial_result(None, trials["ending"], {"epoch": 1, "val": 0.1, "stop_reason": "patience"}) \
+        == TrialScheduler.CONTINUE
+    rung_1 = dict(asha._trial_info["ending"]._rungs)[1]  # ASHA's bracket of the trial: milestone -> results
+    assert rung_1 == {"strong": 0.3, "weak": 0.1, "ending": 0.1}
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_store(tmp_path):
     """Another machine or session: the store is all that is left of the sweep. Continued with --sweep-resume, it

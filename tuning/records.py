@@ -95,8 +95,9 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         status, stop = "errored", error_text(trial)
     elif run is not None:
         status, stop = "finished", run.stop_reason
-    elif tune_status == "TERMINATED":
-        status, stop = "stopped", "ASHA"
+    elif tune_status == "TERMINATED":  # (before ASHALettingRunsEnd, ASHA could stop a run at its own last epoch)
+        ended = epochs[-1].get("stop_reason") if epochs else None
+        status, stop = "stopped", f"ASHA, at its run's last epoch ({ended})" if isinstance(ended, str) else "ASHA"
     else:
         status, stop = "unfinished", None
     timestamp = result.get("timestamp")

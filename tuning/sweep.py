@@ -37,6 +37,7 @@ from featurestore.raycluster import DATA_CPU_RESERVE, ResourcePlanError, ensure_
 from featurestore.sequences import split_counts
 import ray
 from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from training.config import TrainConfig
 from training.data import ensure_dataset, shared_splits, snapshot_store
 from tuning.space import LISTED, check_space, finite_combinations, param_space, parse_spec, trial_settings
@@ -244,7 +245,7 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
                 splits: dict[tuple, Any], carried: list[dict]):
     """Tune's restore of the sweep's experiment, or a new experiment for the trials not yet run (None: none
     left), its searcher told of the carried trials and ASHA's rungs rebuilt from their curves."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
@@ -260,13 +261,12 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
     remaining = sweep.num_samples - len(carried)
     if remaining < 1:
         return None
-    # ASHA's max_t is just past --epochs: ASHA stops a trial that reaches max_t at once, so a trial at its
-    # epoch limit must not (it still scores its test split and writes its run record)
+    # ASHA's max_t is just past --epochs, so that the trials' own epoch limit ends them, never ASHA's
     # (metric and mode go to the scheduler and searcher themselves: the carried trials are replayed before Tune
     # would set them)
     metric = base.monitor_key
-    scheduler = (ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=base.epochs + 1,
-                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    scheduler = (ASHALettingRunsEnd(time_attr="epoch", metric=metric, mode="max", max_t=base.epochs + 1,
+                                    grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     if sweep.scheduler == "asha":
         replay(scheduler, carried, metric)
@@ -287,6 +287,16 @@ def build_tuner(name: str, base: TrainConfig, trial_base: dict, space: dict, swe
         tune_config=tune.TuneConfig(num_samples=remaining, scheduler=scheduler, search_alg=search,
                                     max_concurrent_trials=plan.max_concurrent, time_budget_s=sweep.sweep_time_budget_s),
         run_config=tune.RunConfig(name=name, storage_path=base.storage, callbacks=[TrialEnds()], verbose=0))
+
+
+class ASHALettingRunsEnd(AsyncHyperBandScheduler):
+    """ASHA that never stops a trial at the report where its run ended by itself (patience, its epochs, a time
+    budget: the report's stop_reason): Tune would kill the trial's driver while it scores the test split and
+    writes the run's record. The report still counts in ASHA's rung."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if result.get("stop_reason") else decision
 
 
 def replay(scheduler, carried: list[dict], metric: str) -> None:
