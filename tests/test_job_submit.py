@@ -135,8 +135,10 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
     """Three trials, one at a time, through `ray job submit`: the sweep's driver is the job, its trials the
     cluster's. ASHA stops the second (lr 1e-6 learns nothing in an epoch) and the third must still get its
     workers: Tune kills a stopped trial, and Ray Train's own clean-up of its placement group fails wherever a second
-    Ray instance runs on the machine (as the test session's does), so the sweep removes it (tuning.sweep)."""
+    Ray instance runs on the machine (as the test session's does), so the sweep removes it (tuning.sweep). Then
+    the sweep's records, leaderboard, plots and two final seeds of the best configuration."""
     from featurestore import store
+    from training.records import read_runs
     from tuning.records import SWEEPS
 
     from ml100k_store import build_ml100k_store  # tests/ helper
@@ -145,16 +147,32 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
     db = build_ml100k_store(str(tmp_path / "db"), 16)
     space = tmp_path / "space.yaml"
     space.write_text("lr: {grid: [0.005, 0.000001, 0.006]}\n")
+    runs = tmp_path / "runs"
     output = submit(address, env, "flows/tune.py", "--model", "sasrec", "--db", db.uri, "--storage",
-                    str(tmp_path / "runs"), "--space", str(space), "--search", "grid", "--num-samples", "1",
+                    str(runs), "--space", str(space), "--search", "grid", "--num-samples", "1",
                     "--grace-period", "1", "--epochs", "3", "--monitor", "ndcg@10", "--max-len", "20",
-                    "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "0",
+                    "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "2",
                     "--sweep-name", "submitted")
-    assert sum(line.startswith("trial ") for line in output.splitlines()) == 3
+    assert "3 example split(s) computed for the trials" in output  # one layout: the trials share it
+    assert sum(line.startswith("trial ") for line in output.splitlines()) == 3  # a line per trial
     trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
-    assert len(trials) == 3
+    assert len(trials) == 3 and set(trials.sweep_id) == {"submitted"}
     hopeless = trials.loc[json.dumps({"lr": 1e-06})]
     assert (hopeless.status, hopeless.stop_reason) == ("stopped", "ASHA") and hopeless.epochs < 3
     after = trials.loc[json.dumps({"lr": 0.006})]
     assert after.status in ("finished", "stopped") and after.epochs >= 1, output[-3000:]  # its workers started
-    assert (tmp_path / "runs" / "submitted" / "leaderboard.md").stat().st_size > 0
+    assert set(trials.status) <= {"finished", "stopped"}  # ASHA or the epoch limit ended every trial
+    finished = trials[trials.status == "finished"]
+    assert len(finished) >= 1 and (finished.stop_reason == "epochs").all() and (finished.epochs == 3).all()
+    assert (trials.steps == trials.epochs * 36).all()  # ceil(9,189 windows at L 20 / 256) per epoch
+    recorded = read_runs(db).set_index("run_id")
+    assert set(finished.run_id) <= set(recorded.index)
+
+    for name in ("leaderboard.md", "best_so_far.png", "learning_curves.png", "metric_by_parameter.png"):
+        assert (runs / "submitted" / name).stat().st_size > 0
+    best = trials.best_value.idxmax()
+    assert f"| 1 | {trials.loc[best].trial_id} |" in (runs / "submitted" / "leaderboard.md").read_text()
+    final = json.loads((runs / "submitted" / "final_seeds.json").read_text())
+    assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
+    assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
+    assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]

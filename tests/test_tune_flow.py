@@ -1,9 +1,10 @@
 """Ray Tune sweeps (flows/tune.py, tuning.sweep, tuning.records): trial sizing, argument checks before Ray
 starts, the splits a sweep computes once and its runs take, and real sweeps on MovieLens-100k in their own Ray
-instances: one where ASHA stops a hopeless trial and the trials after it still start, one that is killed,
-resumed and retried (shared by the resume and errored-trial tests: a sweep's start-up is what they cost), and
-one that continues from its rows in the store once its Tune directory is gone (with ASHA's replay of the
-carried trials checked against a live ASHA)."""
+instances: one that is killed, resumed and retried (shared by the resume and errored-trial tests: a sweep's
+start-up is what they cost), and one that continues from its rows in the store once its Tune directory is gone
+(with ASHA's replay of the carried trials checked against a live ASHA). The sweep where ASHA stops a hopeless
+trial and the trials after it still start, with its records, leaderboard, plots and final seeds, is submitted
+to a `ray start` cluster (tests/test_job_submit.py)."""
 import json
 import os
 import shutil
@@ -160,45 +161,6 @@ def test_a_sweeps_runs_take_the_splits_it_computed_once_and_modes_share_their_ev
     datasets = example_datasets(later, 4, "last", 1, 2, shared)
     assert not set(map(id, datasets.values())) & set(map(id, shared.values()))
     assert datasets["train"].count() == later.counts["train_examples_last"] > counts["train_examples_last"]
-
-
-@pytest.mark.slow
-def test_a_sweep_stops_a_hopeless_trial_runs_the_rest_and_records_every_trial(tmp_path):
-    db = build_ml100k_store(str(tmp_path / "db"), 16)
-    space = tmp_path / "space.yaml"
-    space.write_text("lr: {grid: [0.005, 0.000001, 0.006, 0.008]}\n")  # the second cannot learn in 3 epochs
-    runs = tmp_path / "runs"
-    done = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(runs), "--space", str(space),
-                        "--search", "grid", "--num-samples", "1", "--grace-period", "1", "--epochs", "3",
-                        "--monitor", "ndcg@10", "--max-len", "20", "--hidden-size", "16", "--n-layers", "1",
-                        "--batch-size", "256", "--final-seeds", "2", "--sweep-name", "grid")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 example split(s) computed for the trials" in done.stdout  # one layout: the trials share it
-    assert sum(line.startswith("trial ") for line in done.stdout.splitlines()) == 4  # a line per trial
-
-    trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
-    assert len(trials) == 4 and set(trials.sweep_id) == {"grid"}
-    hopeless = trials.loc[json.dumps({"lr": 1e-06})]
-    assert (hopeless.status, hopeless.stop_reason) == ("stopped", "ASHA") and hopeless.epochs < 3
-    later = trials.loc[[json.dumps({"lr": 0.006}), json.dumps({"lr": 0.008})]]
-    assert (later.epochs >= 1).all()  # the trials after the stopped one started: its workers were released
-    assert set(trials.status) <= {"finished", "stopped"}  # ASHA or the epoch limit ended every trial
-    finished = trials[trials.status == "finished"]
-    assert len(finished) >= 1 and (finished.stop_reason == "epochs").all() and (finished.epochs == 3).all()
-    assert (trials.steps == trials.epochs * 36).all()  # ceil(9,189 windows at L 20 / 256) per epoch
-    recorded = read_runs(db).set_index("run_id")
-    assert set(finished.run_id) <= set(recorded.index)
-
-    for name in ("leaderboard.md", "best_so_far.png", "learning_curves.png", "metric_by_parameter.png"):
-        assert (runs / "grid" / name).stat().st_size > 0
-    board = (runs / "grid" / "leaderboard.md").read_text()
-    best = trials.best_value.idxmax()
-    assert f"| 1 | {trials.loc[best].trial_id} |" in board
-
-    final = json.loads((runs / "grid" / "final_seeds.json").read_text())
-    assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
-    assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
-    assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
 
 
 def test_a_sweep_continued_from_the_store_over_another_space_is_refused_before_ray_starts(tmp_path):
