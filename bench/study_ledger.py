@@ -68,20 +68,17 @@ def local(value, field: pa.Field, paths: dict[str, str]):
 def export(db_uri: str, storage: str, ledger: Path) -> dict[str, int]:
     """Write the store's runs and sweeps rows and the paired runs' test ranks under `ledger`; the counts."""
     db, paths = store.connect(db_uri), places(db_uri, storage)
-    counts = {}
-    trial_runs = set()
+    counts, tables = {}, {}
     for name, (schema, keys) in TABLES.items():
-        rows = store.read_columns(db, name).to_pylist() if name in store.table_names(db) else []
+        rows = tables[name] = store.read_columns(db, name).to_pylist() if name in store.table_names(db) else []
         rows.sort(key=lambda row: [row[key] for key in keys])
         ledger.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({k: portable(row.get(k), paths) for k in schema.names}, sort_keys=True) for row in rows]
         (ledger / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
         counts[name] = len(rows)
-        if name == SWEEPS:
-            trial_runs = {row["run_id"] for row in rows}
-    runs = store.read_columns(db, RUNS).to_pylist() if RUNS in store.table_names(db) else []
+    trial_runs = {row["run_id"] for row in tables[SWEEPS]}
     counts[RANKS] = 0
-    for run in runs:
+    for run in tables[RUNS]:
         if run["status"] != "finished" or run["run_id"] in trial_runs:
             continue
         try:

@@ -152,13 +152,14 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
                     str(runs), "--space", str(space), "--search", "grid", "--num-samples", "1",
                     "--grace-period", "1", "--epochs", "3", "--monitor", "ndcg@10", "--max-len", "20",
                     "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "2",
-                    "--sweep-name", "submitted")
+                    "--sweep-time-budget-s", "36000", "--sweep-name", "submitted")  # a budget: ASHA's stop is marked
     assert "3 example split(s) computed for the trials" in output  # one layout: the trials share it
     assert sum(line.startswith("trial ") for line in output.splitlines()) == 3  # a line per trial
     trials = store.open_table(db, SWEEPS).to_pandas().set_index("config")
     assert len(trials) == 3 and set(trials.sweep_id) == {"submitted"}
     hopeless = trials.loc[json.dumps({"lr": 1e-06})]
     assert (hopeless.status, hopeless.stop_reason) == ("stopped", "ASHA") and hopeless.epochs < 3
+    assert f"trial {hopeless.trial_id}: " in output and "stopped by ASHA" in output
     after = trials.loc[json.dumps({"lr": 0.006})]
     assert after.status in ("finished", "stopped") and after.epochs >= 1, output[-3000:]  # its workers started
     assert set(trials.status) <= {"finished", "stopped"}  # ASHA or the epoch limit ended every trial

@@ -234,6 +234,19 @@ def test_asha_lets_a_weak_trial_end_at_the_report_where_its_run_stopped_by_itsel
 
 
 @pytest.mark.slow
+def test_a_sweeps_time_budget_stops_its_trial_and_its_row_says_so_not_asha(tmp_path):
+    """Tune's budget clock starts once the first trial is created, and no trial trains 50 epochs in a second;
+    ASHA never stops a sweep's only trial (it is its rungs' median)."""
+    db = build_ml100k_store(str(tmp_path / "db"), 16)
+    done = tune_command("--model", "sasrec", "--db", db.uri, "--storage", str(tmp_path / "runs"), "--num-samples",
+                        "1", "--epochs", "50", "--sweep-time-budget-s", "1", "--max-len", "20", "--hidden-size", "16",
+                        "--n-layers", "1", "--batch-size", "256", "--final-seeds", "0", "--sweep-name", "budget")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = store.open_table(db, SWEEPS).to_pandas().itertuples()
+    assert (trial.status, trial.stop_reason) == ("stopped", "sweep time budget") and trial.epochs < 50
+
+
+@pytest.mark.slow
 def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_store(tmp_path):
     """Another machine or session: the store is all that is left of the sweep. Continued with --sweep-resume, it
     carries the ended trials over (rows unchanged), runs only the trials missing, and trains a final seed again

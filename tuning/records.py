@@ -53,6 +53,7 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
     pa.field("reported_at", pa.timestamp("us", tz="UTC")),  # the trial's last report
 ])
+STOPPED_BY = "stopped_by"  # in the last result of a trial that ASHA stopped: "ASHA"
 DONE = ("finished", "stopped", "errored")  # the statuses of trials that will not run again (unless retried)
 
 
@@ -96,8 +97,8 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
     elif run is not None:
         status, stop = "finished", run.stop_reason
     elif tune_status == "TERMINATED":  # (before ASHALettingRunsEnd, ASHA could stop a run at its own last epoch)
-        ended = epochs[-1].get("stop_reason") if epochs else None
-        status, stop = "stopped", f"ASHA, at its run's last epoch ({ended})" if isinstance(ended, str) else "ASHA"
+        ended, stop = epochs[-1].get("stop_reason") if epochs else None, stopped_by(result, sweep_settings)
+        status, stop = "stopped", f"{stop}, at its run's last epoch ({ended})" if isinstance(ended, str) else stop
     else:
         status, stop = "unfinished", None
     timestamp = result.get("timestamp")
@@ -112,6 +113,16 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
         "reported_at": datetime.fromtimestamp(timestamp, timezone.utc) if timestamp else None,
     }
+
+
+def stopped_by(result: dict, sweep_settings: dict) -> str:
+    """What stopped a trial that Tune ended before its run did (its last result `result`): ASHA, whose stops
+    are marked in the trial's last result (tuning.sweep.TrialEnds), or else the sweep's time budget. In a sweep
+    with ASHA and no time budget that is ASHA even unmarked (trials from before the mark)."""
+    sweep = sweep_settings.get("sweep") or {}
+    if result.get(STOPPED_BY) == "ASHA" or (sweep.get("scheduler") == "asha" and not sweep.get("sweep_time_budget_s")):
+        return "ASHA"
+    return "sweep time budget"
 
 
 def trial_reports(trial) -> list[dict]:
@@ -274,12 +285,16 @@ def same_settings(recorded: dict, settings: dict, trial_base: dict) -> bool:
                if key != "name" and trial_base.get(key) != value)
 
 
+def table_versions(db) -> dict[str, int]:
+    """The versions of the tables a sweep's trials read, kept in its rows."""
+    return {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
+
+
 def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict, sweep, carried: list[dict],
-                 wall_s: float, splits: dict, concurrent: int):
+                 versions: dict, wall_s: float, splits: dict, concurrent: int):
     """Records, leaderboard and plots from the finished sweep (the trials `carried` over from the rows of an
-    earlier Tune experiment and those of this one), then the final seeds."""
+    earlier Tune experiment and those of this one, `versions` those of the tables they read), then the final seeds."""
     run_dir = RunDir(base.storage, name)
-    versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
     records = carried + trial_records(db, run_dir.uri, name, base, sweep_record_settings(base, sweep, space), versions)
     write_sweep(db, name, records)
     keys = searched_keys(space)

@@ -66,7 +66,9 @@ class SweepConfig:
     max_concurrent: int | None = field(default=None, metadata={
         "help": "trials at once", "shown_default": "as many as the cluster's CPUs fit"})
     sweep_seed: int = field(default=0, metadata={"help": "the searcher's seed: the same seed samples the same trials"})
-    sweep_time_budget_s: float | None = field(default=None, metadata={"help": "stop starting trials after this long"})
+    sweep_time_budget_s: float | None = field(default=None, metadata={
+        "help": "end the sweep after this long: running trials stop where they are (their rows say 'sweep time "
+                "budget', and --sweep-resume does not run them again), no more start; the final seeds follow"})
     sweep_resume: bool = field(default=False, metadata={"help": "continue the interrupted sweep --sweep-name"})
     retry_errored: bool = field(default=False, metadata={"help": "with --sweep-resume: run errored trials again"})
     final_seeds: int = field(default=3, metadata={
@@ -162,7 +164,7 @@ def sweep_name(settings: TrainConfig, sweep: SweepConfig) -> str:
 def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: SweepConfig) -> "SweepResult":
     """Check everything, prepare the store once, run (or resume) the Tune sweep, record it, train the best
     configuration with the final seeds. Bad settings or a bad space raise before any trial starts."""
-    from tuning.records import finish_sweep, sweep_record_settings
+    from tuning.records import finish_sweep, sweep_record_settings, table_versions
 
     base = TrainConfig.from_dict(settings)
     check_space(dict(space), base.model, sweep.search, base.to_dict())
@@ -187,13 +189,13 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     # Tune reserves the resources of up to 200 pending random/grid trials ahead: on a small cluster those
     # reservations take the CPUs the running trial's Train workers need, and they never start
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(plan.max_concurrent)
-    versions = {table: int(store.open_table(db, table).version) for table in ("items", "interactions", "sequences")}
+    versions = table_versions(db)  # what every trial reads (the trials and final seeds write none of them)
     TrialEnds.context = SweepContext(base.db, name, base, sweep_record_settings(base, sweep, space), versions)
     tuner = build_tuner(name, base, trial_base, dict(space), sweep, plan, splits, carried)
     if tuner is not None:
         tuner.fit()
-    return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, time.perf_counter() - started, splits,
-                        plan.max_concurrent)
+    return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, versions,
+                        time.perf_counter() - started, splits, plan.max_concurrent)
 
 
 def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: Mapping[str, Any]) -> list[dict]:
@@ -210,9 +212,9 @@ def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: 
     run_dir = RunDir(base.storage, name)
     if not sweep.sweep_resume:
         return []
+    recorded = recorded_trials(db, name)
     if tune.Tuner.can_restore(run_dir.uri):
         ids = set(json.loads(run_dir.read_text(CARRIED_FILE))) if run_dir.exists(CARRIED_FILE) else set()
-        recorded = recorded_trials(db, name)
         # Tune's restore would record its own trials over the sweep's rows: the rows of trials it does not know
         # (the sweep went on from the store elsewhere) would be lost
         known = ids | {trial.trial_id for trial in tune.ExperimentAnalysis(run_dir.uri).trials}
@@ -223,7 +225,7 @@ def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: 
                              f"{', ...' if len(unknown) > 3 else ''}): the directory is older than the sweep's "
                              f"rows; move it aside and resume again to continue from the store")
         return [r for r in recorded if r["trial_id"] in ids]
-    ended = [r for r in recorded_trials(db, name)
+    ended = [r for r in recorded
              if r["status"] in DONE and not (sweep.retry_errored and r["status"] == "errored")]
     if not ended:
         raise ValueError(f"nothing to resume: no sweep {name!r} in {base.storage} and no ended trials of it in "
@@ -296,7 +298,11 @@ class ASHALettingRunsEnd(AsyncHyperBandScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        return TrialScheduler.CONTINUE if result.get("stop_reason") else decision
+        if result.get("stop_reason"):
+            return TrialScheduler.CONTINUE
+        if decision == TrialScheduler.STOP and TrialEnds.context is not None:
+            TrialEnds.context.stopped_by_asha.add(trial.trial_id)  # TrialEnds marks the trial's result
+        return decision
 
 
 def replay(scheduler, carried: list[dict], metric: str) -> None:
@@ -375,10 +381,13 @@ def run_id(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
 
 
-def trial_line(trial, monitor_key: str, errored: bool) -> str:
+def trial_line(trial, monitor_key: str, sweep_settings: dict, errored: bool) -> str:
     """One line per finished trial: its configuration, epochs, stop reason, metric and seconds."""
+    from tuning.records import stopped_by
+
     result = trial.last_result or {}
-    stop = "an error" if errored else result.get("stop_reason") or "ASHA"  # a run's last epoch names its own stop
+    # a run's last epoch names its own stop
+    stop = "an error" if errored else result.get("stop_reason") or stopped_by(result, sweep_settings)
     metric = result.get(monitor_key)
     shown = "-" if metric is None else f"{metric:.4f}"
     return (f"trial {trial.trial_id}: {json.dumps(trial.config, sort_keys=True)} | {result.get('epoch', 0)} "
@@ -395,6 +404,7 @@ class SweepContext:
     sweep_settings: dict
     versions: dict
     released: set = field(default_factory=set)  # the placement groups TrialEnds removed
+    stopped_by_asha: set = field(default_factory=set)  # the trials ASHA stopped: their last results get the mark
 
 
 class TrialEnds(tune.Callback):
@@ -405,6 +415,14 @@ class TrialEnds(tune.Callback):
     --db records into that one)."""
 
     context: SweepContext | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from tuning.records import STOPPED_BY
+
+        # Tune calls this after its scheduler's decision and keeps what it adds in the trial's last result: the
+        # mark that tells an ASHA stop from the sweep's time budget in the records, after a restore too
+        if trial.trial_id in TrialEnds.context.stopped_by_asha:
+            result[STOPPED_BY] = "ASHA"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended(trial, "TERMINATED")
@@ -418,11 +436,17 @@ class TrialEnds(tune.Callback):
             if ended.status in ("TERMINATED", "ERROR"):
                 release_workers(TrialEnds.context, ended.trial_id)
 
+    def on_experiment_end(self, trials, **info):
+        # the sweep's time budget stops trials without on_trial_complete: their workers go before the final seeds'
+        for trial in trials:
+            release_workers(TrialEnds.context, trial.trial_id)
+
     def ended(self, trial, tune_status: str) -> None:
         from tuning.records import finished_runs, trial_record, trial_reports, write_trial
 
         context = TrialEnds.context
-        print(trial_line(trial, context.base.monitor_key, errored=tune_status == "ERROR"), flush=True)
+        print(trial_line(trial, context.base.monitor_key, context.sweep_settings, errored=tune_status == "ERROR"),
+              flush=True)
         try:  # the sweep goes on without it: its end writes every row again
             db = store.connect(context.db_uri)
             run = finished_runs(db).get(run_id(context.name, trial.trial_id))
