@@ -279,6 +279,7 @@ def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_sto
 
     same = sweep(2, "--sweep-resume")  # every trial ended: nothing trains, not even the final seed
     assert "continuing from the store with 2 ended trial(s)" in same.stdout
+    assert "Started a local Ray instance" not in same.stderr + same.stdout  # nothing for Ray to do
     assert not [line for line in same.stdout.splitlines() if line.startswith("trial ")]
     assert "lost-final-seed1: finished already" in same.stdout
     assert read_runs(db).set_index("run_id").loc["lost-final-seed1"].finished_at == seed_run.finished_at

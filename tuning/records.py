@@ -238,23 +238,37 @@ def plots(records: list[dict], space: dict, monitor_key: str) -> dict[str, bytes
     return {TRIALS_PLOT: best_so_far, CURVES_PLOT: curves, PARAMS_PLOT: by_parameter}
 
 
+def best_trial(records: list[dict]) -> dict | None:
+    """The record with the best validation value (None if no trial got one)."""
+    scored = [r for r in records if r["best_value"] is not None]
+    return max(scored, key=lambda r: r["best_value"]) if scored else None
+
+
+def final_seed_settings(best: dict, trial_base: dict, space: dict, seeds: int, name: str) -> dict[int, dict]:
+    """Seed -> the run settings of that final seed of the best configuration."""
+    return {seed: trial_settings(trial_base, best["params"], space) | {
+        "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
+        for seed in range(1, seeds + 1)}
+
+
+def untrained_seeds(done: dict, planned: dict[int, dict], trial_base: dict) -> dict[int, dict]:
+    """The `planned` final seeds without a finished run (`done`: finished_runs) of these settings."""
+    def trained(settings: dict) -> bool:
+        run = done.get(settings["name"])
+        return run is not None and same_settings(run.config["settings"], settings, trial_base)
+
+    return {seed: settings for seed, settings in planned.items() if not trained(settings)}
+
+
 def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name: str, splits: dict,
                 concurrent: int, path: str) -> dict:
     """The best configuration trained again with seeds 1..N to early stopping (the same seeds for every model,
     so comparisons pair), on the sweep's splits, `concurrent` at once as the trials ran (a Tune experiment in
     `path`, the sweep's folder); the test metrics' mean and std, ranked and masked. Seed 1 writes the item
     vectors. A seed whose run finished already (in `runs`, with these settings) is not trained again."""
-
-    planned = {seed: trial_settings(trial_base, best["params"], space) | {
-        "seed": seed, "name": f"{name}-final-seed{seed}", "save_item_vectors": seed == 1, "save_plot": True}
-        for seed in range(1, seeds + 1)}
-
-    def trained(done: dict, settings: dict) -> bool:
-        run = done.get(settings["name"])
-        return run is not None and same_settings(run.config["settings"], settings, trial_base)
-
+    planned = final_seed_settings(best, trial_base, space, seeds, name)
     done = finished_runs(db)
-    todo = {seed: settings for seed, settings in planned.items() if not trained(done, settings)}
+    todo = untrained_seeds(done, planned, trial_base)
     for seed, settings in planned.items():
         if seed not in todo:
             print(f"{settings['name']}: finished already, not trained again", flush=True)
@@ -264,7 +278,7 @@ def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name:
             stale.fs.delete_dir_contents(stale.path, missing_dir_ok=True)
     errors = train_seeds(todo, splits, concurrent, path) if todo else []
     done = finished_runs(db)
-    missing = [settings["name"] for settings in planned.values() if not trained(done, settings)]
+    missing = [settings["name"] for settings in untrained_seeds(done, planned, trial_base).values()]
     if missing or errors:
         raise RuntimeError(f"final seed run(s) {', '.join(missing)} did not finish: " + "; ".join(errors))
     tests = {settings["name"]: done[settings["name"]].test_metrics for settings in planned.values()}
@@ -301,8 +315,7 @@ def finish_sweep(db, name: str, base: TrainConfig, trial_base: dict, space: dict
     board = leaderboard(records, keys, base.monitor_key)
     files = [run_dir.write_bytes(LEADERBOARD_FILE, f"# Sweep {name}\n\n{board}\n".encode())]
     files += [run_dir.write_bytes(filename, data) for filename, data in plots(records, space, base.monitor_key).items()]
-    scored = [r for r in records if r["best_value"] is not None]
-    best = max(scored, key=lambda r: r["best_value"]) if scored else None
+    best = best_trial(records)
     final = None
     unfinished = unfinished_trials(records)
     if unfinished:  # interrupted (Ctrl-C): the best so far is not the sweep's best, so no final seeds yet

@@ -172,6 +172,9 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     started = time.perf_counter()
     db = store.connect(base.db)
     carried = carried_trials(db, name, base, sweep, space)  # nothing to resume is said before Ray starts
+    if settled(db, name, base, sweep, dict(space), carried):  # Ray would have nothing to do
+        return finish_sweep(db, name, base, trial_base_settings(base, name, base.cpus_per_worker), dict(space),
+                            sweep, carried, table_versions(db), time.perf_counter() - started, {}, 1)
     ensure_ray()
 
     if base.dataset:
@@ -180,9 +183,7 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
     fewest, most = steps_per_epoch_range(rows, base, space)
     plan = plan_trials(ray.cluster_resources().get("CPU", 0.0), base, sweep.max_concurrent)
     splits = sweep_splits(db, base, space)
-    trial_base = {**base.to_dict(), "cpus_per_worker": plan.cpus_per_worker, "dataset": None,
-                  "storage": trials_storage(base.storage, name), "save_item_vectors": False,
-                  "save_plot": False}
+    trial_base = trial_base_settings(base, name, plan.cpus_per_worker)
     print(f"sweep {name}: {base.model}, {sweep.num_samples} trial(s) by {sweep.search}, scheduler "
           f"{sweep.scheduler}; {plan}; {fewest}-{most} optimizer steps per epoch; {len(splits)} example "
           f"split(s) computed for the trials", flush=True)
@@ -196,6 +197,28 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
         tuner.fit()
     return finish_sweep(db, name, base, trial_base, dict(space), sweep, carried, versions,
                         time.perf_counter() - started, splits, plan.max_concurrent)
+
+
+def trial_base_settings(base: TrainConfig, name: str, cpus_per_worker: float) -> dict:
+    """The settings every trial and final seed starts from (the store prepared, the runs in the sweep's folder)."""
+    return {**base.to_dict(), "cpus_per_worker": cpus_per_worker, "dataset": None,
+            "storage": trials_storage(base.storage, name), "save_item_vectors": False, "save_plot": False}
+
+
+def settled(db, name: str, base: TrainConfig, sweep: SweepConfig, space: dict, carried: list[dict]) -> bool:
+    """Whether a sweep continued from the store has nothing left to train: every trial ended and every final
+    seed of the best finished with its settings (then it only writes its records again, without Ray)."""
+    from training.run import RunDir
+    from tuning.records import best_trial, final_seed_settings, finished_runs, untrained_seeds
+
+    if not carried or len(carried) < sweep.num_samples or tune.Tuner.can_restore(RunDir(base.storage, name).uri):
+        return False
+    best = best_trial(carried)
+    if best is None or not sweep.final_seeds:
+        return True
+    trial_base = trial_base_settings(base, name, base.cpus_per_worker)  # the seeds' settings set over it count
+    planned = final_seed_settings(best, trial_base, space, sweep.final_seeds, name)
+    return not untrained_seeds(finished_runs(db), planned, trial_base)
 
 
 def carried_trials(db, name: str, base: TrainConfig, sweep: SweepConfig, space: Mapping[str, Any]) -> list[dict]:
