@@ -277,6 +277,28 @@ def sasrec_run(ml100k, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_stopped_trials_row_takes_every_epoch_from_its_runs_checkpoint(sasrec_run, tmp_path):
+    """Tune's results of a trial restored from a checkpoint hold only the epochs after the restore (seen in the
+    study: 2 of a trial's 10 epochs); a trial that ASHA stopped has no run record, so its row (curve, epochs,
+    steps, best value: what the leaderboard and ASHA's replay read) comes from its run's latest checkpoint."""
+    from types import SimpleNamespace
+
+    from tuning.records import trial_record
+    from tuning.sweep import run_id, trials_storage
+
+    shutil.copytree(sasrec_run.run_dir, Path(trials_storage(str(tmp_path), "s")) / run_id("s", "t1"))
+    base = TrainConfig(model="sasrec", storage=str(tmp_path))
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.005}, last_result=sasrec_run.history[-1])
+    told = sasrec_run.history[-1:]  # restored after epoch 1: Tune was told of epoch 2 only
+    record = trial_record(trial, "TERMINATED", told, None, "s", base, {"sweep": {"scheduler": "asha"}}, {})
+    history = [m[base.monitor_key] for m in sasrec_run.history]
+    assert record["curve"] == history and record["best_value"] == max(history) and record["epochs"] == 2
+    assert record["steps"] == sasrec_run.history[-1]["total_steps"]
+    # its run had ended by its epoch limit at that report: so the row says
+    assert (record["status"], record["stop_reason"]) == ("stopped", "ASHA, at its run's last epoch (epochs)")
+
+
+@pytest.mark.slow
 def test_short_run_metrics_are_finite_and_beat_an_untrained_model(sasrec_run, ml100k):
     result = sasrec_run
     assert [m["epoch"] for m in result.history] == [1, 2]

@@ -25,11 +25,12 @@ import pyarrow as pa
 
 from featurestore import store
 from ray import tune
+from training.checkpoint import PROGRESS, Progress
 from training.config import TrainConfig
 from training.records import RUNS, now, read_runs
 from training.run import RunDir
 from tuning.space import searched_keys, trial_settings
-from tuning.sweep import SweepResult, run_id, train_seeds
+from tuning.sweep import SweepResult, run_id, train_seeds, trials_storage
 
 SWEEPS = "sweeps"
 LEADERBOARD_FILE, TRIALS_PLOT, CURVES_PLOT, PARAMS_PLOT = ("leaderboard.md", "best_so_far.png", "learning_curves.png",
@@ -85,8 +86,11 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
     """A trial's row: `reports` are Tune's results of it in order, `run` its finished run's record or None.
     A trial finished when its run wrote its record (one that ASHA stops never gets that far)."""
     result = trial.last_result or {}
+    progress = None
     if run is not None:  # the run's own history: whole, even when Tune restarted the trial after it finished
         epochs = run.epochs  # (it then only scored its test split)
+    elif (progress := checkpointed_progress(trials_storage(base.storage, name), run_id(name, trial.trial_id))):
+        epochs = progress.history  # Tune's results of a trial restored from a checkpoint start at the restore
     else:  # Tune's rows: the epochs it was told of, then the final report (which has no steps); a trial resumed
         # from an earlier checkpoint reports some epochs again, and the last report of an epoch stands
         told = {r["epoch"]: r for r in reports if r.get("steps") is not None and r["steps"] == r["steps"]}  # not NaN
@@ -97,7 +101,8 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
     elif run is not None:
         status, stop = "finished", run.stop_reason
     elif tune_status == "TERMINATED":  # (before ASHALettingRunsEnd, ASHA could stop a run at its own last epoch)
-        ended, stop = epochs[-1].get("stop_reason") if epochs else None, stopped_by(result, sweep_settings)
+        ended = progress.stop_reason if progress else epochs[-1].get("stop_reason") if epochs else None
+        stop = stopped_by(result, sweep_settings)
         status, stop = "stopped", f"{stop}, at its run's last epoch ({ended})" if isinstance(ended, str) else stop
     else:
         status, stop = "unfinished", None
@@ -113,6 +118,15 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
         "reported_at": datetime.fromtimestamp(timestamp, timezone.utc) if timestamp else None,
     }
+
+
+def checkpointed_progress(storage: str, name: str) -> Progress | None:
+    """The progress (every epoch's metrics, the stop) in the latest checkpoint of run `name`, or None."""
+    latest = RunDir(storage, name).latest_checkpoint()
+    if latest is None:
+        return None
+    with latest.filesystem.open_input_stream(f"{latest.path}/{PROGRESS}") as stream:  # not the weights
+        return Progress(**json.loads(stream.read()))
 
 
 def stopped_by(result: dict, sweep_settings: dict) -> str:
