@@ -104,6 +104,18 @@ def test_an_interrupted_sweep_is_told_apart_from_a_finished_one_by_the_trials_tu
     assert unfinished_trials(ended + [{"trial_id": "d", "status": "unfinished"}]) == ["d"]
 
 
+def test_an_interrupted_sweep_exits_130_so_a_script_running_sweeps_in_turn_stops(capsys):
+    from training.cli import run_job
+    from tuning.sweep import SweepResult
+
+    def result(unfinished: int) -> SweepResult:
+        return SweepResult(name="s", path="p", leaderboard="", best=None, final=None, files=[], wall_time_s=1.0,
+                           unfinished=unfinished)
+
+    assert run_job(lambda: result(2)) == 130 and "interrupted with 2 trial(s) unfinished" in capsys.readouterr().out
+    assert run_job(lambda: result(0)) == 0
+
+
 def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):
     import matplotlib.pyplot as plt
 

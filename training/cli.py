@@ -153,8 +153,9 @@ def value_text(value: Any) -> str:
 
 
 def run_job(job: Callable[[], Any]) -> int:
-    """A flow's exit status: run `job` and print its result's lines (0), or one line for a user error (2):
-    bad settings, a bad space or an unusable store, found before anything trained."""
+    """A flow's exit status: run `job` and print its result's lines (0, or the result's own exit_status: an
+    interrupted sweep's), or one line for a user error (2): bad settings, a bad space or an unusable store,
+    found before anything trained."""
     from featurestore.store import StoreError
 
     try:
@@ -163,4 +164,4 @@ def run_job(job: Callable[[], Any]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(result.lines()))
-    return 0
+    return getattr(result, "exit_status", 0)

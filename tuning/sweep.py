@@ -514,6 +514,11 @@ class SweepResult:
     wall_time_s: float
     unfinished: int = 0  # trials an interruption left running or pending (then there are no final seeds yet)
 
+    @property
+    def exit_status(self) -> int:
+        """130 (interrupted) while trials are unfinished: a script that runs sweeps one after another stops."""
+        return 130 if self.unfinished else 0
+
     def lines(self) -> list[str]:
         state = f", interrupted with {self.unfinished} trial(s) unfinished" if self.unfinished else ""
         return [self.leaderboard, *(f"wrote {path}" for path in self.files),
