@@ -294,6 +294,10 @@ def test_a_stopped_trials_row_takes_every_epoch_from_its_runs_checkpoint(sasrec_
     history = [m[base.monitor_key] for m in sasrec_run.history]
     assert record["curve"] == history and record["best_value"] == max(history) and record["epochs"] == 2
     assert record["steps"] == sasrec_run.history[-1]["total_steps"]
+    # Tune's clock (time_total_s) restarts at a restore: the epochs' seconds count the epochs before it too
+    trial.last_result = {**trial.last_result, "time_total_s": sasrec_run.history[-1]["epoch_s"]}
+    record = trial_record(trial, "TERMINATED", told, None, "s", base, {"sweep": {"scheduler": "asha"}}, {})
+    assert record["time_s"] == pytest.approx(sum(m["epoch_s"] for m in sasrec_run.history))
     # its run had ended by its epoch limit at that report: so the row says
     assert (record["status"], record["stop_reason"]) == ("stopped", "ASHA, at its run's last epoch (epochs)")
 

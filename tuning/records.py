@@ -47,7 +47,7 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("steps", pa.int64()),
     pa.field("best_value", pa.float64()),  # the monitored validation metric, best epoch
     pa.field("curve", pa.string()),  # JSON: the monitored validation metric of every epoch Tune was told of
-    pa.field("time_s", pa.float64()),  # the trial's seconds as Tune counted them (a resumed trial's in total)
+    pa.field("time_s", pa.float64()),  # the trial's seconds: Tune's count, or its epochs' where more (below)
     pa.field("run_id", pa.string()),  # the trial's row in `runs` (runs live under the sweep's folder)
     pa.field("settings", pa.string()),  # JSON: the sweep's fixed training settings and its own settings
     pa.field("table_versions", pa.string()),  # JSON: the versions of items, interactions, sequences read
@@ -113,7 +113,8 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         "epochs": len(monitored), "steps": int(epochs[-1]["total_steps"]) if epochs else 0,
         "best_value": float(max(monitored)) if monitored else None, "curve": monitored,
         "run_id": run_id(name, trial.trial_id),
-        "time_s": float(result.get("time_total_s") or 0.0),
+        # Tune's clock restarts when it restores a trial; the epochs' own seconds span the restores
+        "time_s": max(float(result.get("time_total_s") or 0.0), sum(float(m.get("epoch_s") or 0.0) for m in epochs)),
         "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
         "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
         "reported_at": datetime.fromtimestamp(timestamp, timezone.utc) if timestamp else None,
