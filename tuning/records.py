@@ -46,7 +46,8 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("epochs", pa.int32()),
     pa.field("steps", pa.int64()),
     pa.field("best_value", pa.float64()),  # the monitored validation metric, best epoch
-    pa.field("curve", pa.string()),  # JSON: the monitored validation metric of every epoch Tune was told of
+    pa.field("curve", pa.string()),  # JSON: the monitored validation metric of every epoch (the run's record or
+    # latest checkpoint; Tune's results only where there is neither)
     pa.field("time_s", pa.float64()),  # the trial's seconds: Tune's count, or its epochs' where more (below)
     pa.field("run_id", pa.string()),  # the trial's row in `runs` (runs live under the sweep's folder)
     pa.field("settings", pa.string()),  # JSON: the sweep's fixed training settings and its own settings
