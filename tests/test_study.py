@@ -2,6 +2,7 @@
 whose per-user test ranks are written the way the workers write them."""
 import runpy
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,7 +133,8 @@ def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_t
         RunDir(storage, "seed-run").write_test_ranks(
             {"user_key": keys[share], "rank": share.astype(np.int32), "rank_masked": share.astype(np.int32)}, worker, 2)
     ledger = tmp_path / "ledger"
-    assert study_ledger.export(db_uri, storage, ledger) == {"runs": 2, "sweeps": 1, "test_ranks": 1}  # not the trial's
+    # not the trial's ranks, and no storage beside them: no run folder, no Tune state
+    assert study_ledger.export(db_uri, storage, ledger) == {"runs": 2, "sweeps": 1, "test_ranks": 1, "storage": 0}
     assert str(here) not in "".join(path.read_text() for path in ledger.rglob("*") if path.is_file())
 
     there_db, there_storage = str(there / "db"), str(there / "runs")
@@ -140,7 +142,7 @@ def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_t
     hour = timedelta(hours=1)
     write_run(other, {"run_id": "sweep-trial", "status": "failed", "started_at": started + hour})  # newer: stays
     write_run(other, {"run_id": "seed-run", "status": "failed", "started_at": started - hour})  # older: replaced
-    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 1, "sweeps": 1, "test_ranks": 1}
+    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 1, "sweeps": 1, "storage": 0, "test_ranks": 1}
     runs = read_runs(other).set_index("run_id")
     loaded = runs.loc["seed-run"]
     assert loaded.status == "finished" and loaded.run_dir == f"{there_storage}/seed-run" and loaded.started_at == started
@@ -150,7 +152,7 @@ def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_t
     assert ranks["user_key"].to_pylist() == sorted(keys.tolist()) and ranks["rank"].to_pylist() == list(range(10))
     trial = store.open_table(other, SWEEPS).to_pandas().iloc[0]
     assert json.loads(trial.curve) == [0.01, 0.02] and trial.reported_at == started
-    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 0, "sweeps": 0, "test_ranks": 0}
+    assert study_ledger.load(there_db, there_storage, ledger) == {"runs": 0, "sweeps": 0, "storage": 0, "test_ranks": 0}
 
 
 def test_study_runs_run_side_by_side_each_with_its_log_and_the_failures_are_named(tmp_path):
@@ -165,3 +167,65 @@ def test_study_runs_run_side_by_side_each_with_its_log_and_the_failures_are_name
                ("run-b", [sys.executable, "-c", script, b, a, "3"])]
     assert study_runs.run_all(pending, 2, tmp_path / "logs") == [("run-b", 3)]
     assert (tmp_path / "logs" / "run-a.log").read_text() == f"met {b}\n"
+
+
+@pytest.mark.slow
+def test_a_sweep_the_ledger_carries_to_another_machine_resumes_its_trial_in_flight_from_its_checkpoint(tmp_path):
+    """The study's case: a session ends with a trial half trained and the next starts on a new machine. The ledger
+    exported after the sweep's driver died carries its Tune directory and the trial's latest checkpoint; loaded
+    into another store and storage folder (the first ones gone), the sweep resumes there and the trial goes on
+    from its checkpoint's epoch, not from scratch. Exported again once it finished, the run keeps no weights."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    import study_ledger  # bench/
+
+    from ml100k_store import build_ml100k_store  # tests/ helper
+    from training.records import read_runs
+    from tuning.records import SWEEPS
+    from featurestore import store
+
+    here, there, ledger = tmp_path / "here", tmp_path / "there", tmp_path / "ledger"
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.005]}\n")
+
+    def sweep(side: Path) -> list[str]:
+        return [sys.executable, str(REPO / "flows" / "tune.py"), "--model", "sasrec", "--db", str(side / "db"),
+                "--storage", str(side / "runs"), "--space", str(space), "--search", "grid", "--num-samples", "1",
+                "--scheduler", "none", "--epochs", "6", "--max-len", "20", "--hidden-size", "16", "--n-layers", "1",
+                "--batch-size", "256", "--final-seeds", "0", "--sweep-name", "carried"]
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray instance
+    build_ml100k_store(str(here / "db"), 16)
+    driver = subprocess.Popen(sweep(here), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        while not list((here / "runs" / "carried" / "runs").glob("*/checkpoint_manager_snapshot.json")):
+            assert driver.poll() is None, "the sweep ended before its trial's first checkpoint"
+            time.sleep(0.1)
+    finally:  # the machine goes: its Ray dies with the driver
+        driver.kill()
+        driver.wait(timeout=60)
+    counts = study_ledger.export(str(here / "db"), str(here / "runs"), ledger)
+    assert counts["runs"] == counts["sweeps"] == 0 and counts["storage"] > 0  # nothing ended: only the copy holds it
+    (run_copy,) = (ledger / "storage" / "carried" / "runs").iterdir()
+    assert list(run_copy.glob("checkpoint_*/model.pt")) and list(run_copy.glob("checkpoint_*/optimizer.pt"))
+    shutil.rmtree(here)
+
+    build_ml100k_store(str(there / "db"), 16)
+    assert study_ledger.load(str(there / "db"), str(there / "runs"), ledger)["storage"] == 1  # the sweep's folder
+    resumed = subprocess.run([*sweep(there), "--sweep-resume"], capture_output=True, text=True, env=env,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    db = store.connect(str(there / "db"))
+    (trial,) = store.open_table(db, SWEEPS).to_pandas().itertuples()
+    assert (trial.status, trial.stop_reason, trial.epochs) == ("finished", "epochs", 6)
+    assert f"carried-{trial.trial_id}" == run_copy.name  # the same trial, restored by Tune
+    run = read_runs(db).set_index("run_id").loc[run_copy.name]
+    restored = list(run.restored_at)
+    assert len(restored) == 1 and restored[0] >= 1 and run.epochs_run == 6  # on from its checkpoint
+
+    study_ledger.export(str(there / "db"), str(there / "runs"), ledger)
+    (run_copy,) = (ledger / "storage" / "carried" / "runs").iterdir()
+    assert list(run_copy.glob("checkpoint_*/progress.json")) and not list(run_copy.rglob("*.pt"))
