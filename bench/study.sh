@@ -44,5 +44,5 @@ ttq=(ttq-sasrec-all ttq-sasrec-last ttq-fame-all ttq-fame-last ttq-hm4sr-all ttq
 "$PY" bench/study_runs.py --db "$DB" --storage "$RUNS" --dataset ml-100k --rows "${ttq[@]}" --seeds 3  # one at a time: their seconds are the result
 
 OUT="${STUDY_RESULTS:-bench/results}"  # rerun these two from the checkout that commits the results
-"$PY" bench/study_table.py --db "$DB" --out "$OUT/study.md" --json "$OUT/study.json" --files "$OUT/study"
-"$PY" bench/time_to_quality.py --db "$DB" --json "$OUT/time_to_quality.json" | tee "$OUT/time_to_quality.md"
+"$PY" bench/study_table.py --db "$DB" --storage "$RUNS" --out "$OUT/study.md" --json "$OUT/study.json" --files "$OUT/study"
+"$PY" bench/time_to_quality.py --db "$DB" --storage "$RUNS" --json "$OUT/time_to_quality.json" | tee "$OUT/time_to_quality.md"

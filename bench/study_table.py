@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from featurestore import store  # noqa: E402
+from study_pause import paused_in_epochs, read_pauses  # noqa: E402 - bench/
 from study_runs import STUDY_ROWS, finished_runs, run_name, sweep_name  # noqa: E402 - bench/
 from training.cli import argv_from  # noqa: E402
 from training.records import RUNS, read_runs  # noqa: E402
@@ -109,7 +110,16 @@ def build_rows(runs, trials) -> list[Row]:
     return rows
 
 
-def row_line(row: Row) -> str:
+def epoch_s(run, pauses: list[tuple[float, float]]) -> float:
+    """A run's mean seconds an epoch, the study's pauses taken out (runs from before epochs were timed: as
+    recorded)."""
+    spans = [(m["epoch_started_at"], m["epoch_s"]) for m in run.epochs if m.get("epoch_started_at") is not None]
+    if not spans or len(spans) < len(run.epochs):
+        return run.mean_epoch_s
+    return (sum(seconds for _, seconds in spans) - paused_in_epochs(spans, pauses)) / len(spans)
+
+
+def row_line(row: Row, pauses: list[tuple[float, float]]) -> str:
     if not row.runs:
         return (f"| {row.model} | {row.dataset} | {row.protocol} | {row.config} | 0 | missing: {row.missing} |"
                 + " |" * 9)
@@ -120,7 +130,7 @@ def row_line(row: Row) -> str:
     cells += [f"{v:.4f}" for v in mean_std(row.metric(f"test_masked_ndcg@{K}"))]
     best = np.mean([run.best_epoch for run in row.runs])
     ran = np.mean([run.epochs_run for run in row.runs])
-    per_epoch = np.mean([run.mean_epoch_s for run in row.runs])
+    per_epoch = np.mean([epoch_s(run, pauses) for run in row.runs])
     seeds = ",".join(map(str, row.seeds))
     return (f"| {row.model} | {row.dataset} | {row.protocol} | {row.config} | {seeds} | " + " | ".join(cells)
             + f" | {best:.1f} best / {ran:.1f} run | {per_epoch:.1f} |")
@@ -235,14 +245,27 @@ def sweep_argv(settings: dict) -> list[str]:
     return argv_from({k: v for k, v in settings["training"].items() if k != "resume"}) + flags
 
 
-def sweep_section(trials, sweep: str, files_dir: Path, out_dir: Path) -> list[str]:
+def trial_s(trial, pauses: list[tuple[float, float]]) -> tuple[float, bool]:
+    """(a trial's seconds, whether the study's pauses could be taken out): its row's seconds, less the pauses
+    within its epochs where the row has their spans (rows from before them: as recorded, pauses included)."""
+    spans = json.loads(getattr(trial, "epoch_spans", None) or "[]")
+    if spans and all(start is not None for start, _ in spans):
+        return float(trial.time_s or 0.0) - paused_in_epochs(spans, pauses), True
+    return float(trial.time_s or 0.0), False
+
+
+def sweep_section(trials, sweep: str, files_dir: Path, out_dir: Path, pauses: list[tuple[float, float]]) -> list[str]:
     rows = trials[trials.sweep_id == sweep]
     settings = json.loads(rows.settings.iloc[0])
     counts = rows.status.value_counts().to_dict()
-    hours = rows.time_s.fillna(0).sum() / 3600 if "time_s" in rows else float("nan")
+    seconds = [trial_s(trial, pauses) for trial in rows.itertuples()] if "time_s" in rows else []
+    hours = sum(s for s, _ in seconds) / 3600 if seconds else float("nan")
+    paused = sum(1 for _, known in seconds if not known)
     lines = [f"### {sweep}", "",
              f"{len(rows)} of {settings['sweep']['num_samples']} trials recorded ({counts}); trial time "
-             f"{hours:.2f} h (sum of Tune's per-trial seconds, one trial at a time), "
+             f"{hours:.2f} h (sum of the trials' seconds, the study's logged pauses taken out"
+             + (f"; {paused} trial(s) recorded before epoch spans keep theirs" if paused else "")
+             + f"; {settings['sweep'].get('max_concurrent') or 'as many as fitted'} at once), "
              f"{hours * 60 / max(len(rows), 1):.1f} min per trial.", "",
              f"`python flows/tune.py {' '.join(sweep_argv(settings))}`", ""]
     source = Path(settings["training"]["storage"]) / sweep
@@ -265,7 +288,10 @@ def main(argv=None) -> int:
     parser.add_argument("--files", default=str(REPO / "bench" / "results" / "study"),
                         help="where the sweeps' leaderboards and plots are copied")
     parser.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--storage", help="the study's storage folder: its pauses (bench/study_pause.py) are "
+                                          "taken out of the seconds")
     args = parser.parse_args(argv)
+    pauses = read_pauses(args.storage) if args.storage else []
     db = store.connect(args.db)
     if RUNS not in store.table_names(db):
         parser.exit(2, f"error: {args.db} holds no runs\n")
@@ -282,7 +308,7 @@ def main(argv=None) -> int:
              "d 64, selection on validation NDCG@10; test metrics of the best validation epoch's weights, history "
              "items ranked (RecBole's convention) and masked; seeds paired across models.", "",
              f"Calibration: {RECBOLE}.", "", "| " + COLUMNS + " |", "|" + "---|" * 14]
-    lines += [row_line(r) for r in rows]
+    lines += [row_line(r, pauses) for r in rows]
     lines += ["", "@20 and masked HR/MRR (means over the same seeds):", "",
               "| model | dataset | protocol | NDCG@20 | HR@20 | MRR@20 | HR@10 masked | MRR@10 masked | "
               "NDCG@20 masked | HR@20 masked |", "|" + "---|" * 10]
@@ -291,7 +317,7 @@ def main(argv=None) -> int:
                                                    ["None yet: a tuned row of both models is needed."])
     lines += ["", "## Sweeps", ""]
     for sweep in ([] if trials is None else sorted(trials.sweep_id.unique())):
-        lines += sweep_section(trials, sweep, Path(args.files), Path(args.out).resolve().parent)
+        lines += sweep_section(trials, sweep, Path(args.files), Path(args.out).resolve().parent, pauses)
     lines += ["## Commands of the study runs (seed 1 of each row; the other seeds differ by --seed and --name)", ""]
     for row in rows:
         if row.runs and not row.protocol.startswith("tuned"):

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from featurestore import store  # noqa: E402
+from study_pause import paused_s, read_pauses  # noqa: E402 - bench/
 from study_runs import STUDY_ROWS, TTQ_TARGET, finished_runs, run_name  # noqa: E402 - bench/
 from training.records import RUNS, read_runs  # noqa: E402
 
@@ -37,15 +38,17 @@ TARGET_SPEEDUP = 10
 MONITOR = "val_ndcg@10"
 
 
-def reach(run) -> dict:
-    """When the run's validation first reached the target: epoch, seconds from the first step and from launch."""
+def reach(run, pauses: list[tuple[float, float]] = ()) -> dict:
+    """When the run's validation first reached the target: epoch, seconds from the first step and from launch,
+    the study's pauses within them taken out."""
     epochs = run.epochs
     first = epochs[0]
     for metrics in epochs:
         if metrics[MONITOR] >= TTQ_TARGET:
             end = metrics["epoch_started_at"] + metrics["epoch_s"]
-            return {"epoch": metrics["epoch"], "from_first_step_s": end - first["epoch_started_at"],
-                    "from_launch_s": end - run.started_at.timestamp(),  # a resumed run: its last launch
+            first_step, launch = first["epoch_started_at"], run.started_at.timestamp()  # a resumed run: its last launch
+            return {"epoch": metrics["epoch"], "from_first_step_s": end - first_step - paused_s(pauses, first_step, end),
+                    "from_launch_s": end - launch - paused_s(pauses, launch, end),
                     "resumed": bool(run.restored_at is not None and len(run.restored_at))}
     return {"epoch": None, "best": max(m[MONITOR] for m in epochs)}
 
@@ -56,7 +59,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--seeds", type=int, default=5, help="look for seeds 1..N")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "time_to_quality.json"))
+    parser.add_argument("--storage", help="the study's storage folder: its pauses (bench/study_pause.py) are "
+                                          "taken out of the seconds")
     args = parser.parse_args(argv)
+    pauses = read_pauses(args.storage) if args.storage else []
     db = store.connect(args.db)
     if RUNS not in store.table_names(db):
         parser.exit(2, f"error: {args.db} holds no runs\n")
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
             print(f"| {row.model} | {mode} | 0 / 0 | not run | | | | | | |")
             results.append({"row": key, "runs": []})
             continue
-        reached = [(run, reach(run)) for run in finished]
+        reached = [(run, reach(run, pauses)) for run in finished]
         hits = [(run, r) for run, r in reached if r["epoch"] is not None]
         entry = {"row": key, "model": row.model, "train_mode": mode,
                  "runs": [{"run": run.name, **r, "test": run.test_metrics} for run, r in reached]}

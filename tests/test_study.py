@@ -1,5 +1,6 @@
 """bench/study_table.py's paired comparisons and recorded commands, and bench/study_runs.py's rows: on runs
 whose per-user test ranks are written the way the workers write them."""
+import json
 import runpy
 import sys
 import time
@@ -103,13 +104,42 @@ def test_time_to_quality_is_counted_from_the_first_step_and_from_launch_to_the_e
                                           "resumed": False}
     slow = SimpleNamespace(epochs=epochs[:1], started_at=run.started_at, restored_at=[])
     assert time_to_quality.reach(slow) == {"epoch": None, "best": 0.05}
+    paused = time_to_quality.reach(run, [(1003.0, 1007.0), (1030.0, 1040.0)])  # 4 s in epoch 1, one after
+    assert (paused["from_first_step_s"], paused["from_launch_s"]) == (15.0, 45.0)
+
+
+def test_the_studys_pauses_are_read_from_their_log_and_taken_out_of_the_epochs_and_trials_they_overlap(tmp_path):
+    """A stop and the cont after it are a pause; a stop the session ended on paused no recorded epoch."""
+    import pandas as pd
+    from datetime import datetime, timezone
+
+    import study_pause  # bench/
+
+    def stamp(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+    (tmp_path / study_pause.PAUSES_FILE).write_text(
+        f"{stamp(1000)} stop\n{stamp(1030)} cont\n{stamp(5000)} stop\n{stamp(9000)} stop\n{stamp(9010)} cont\n")
+    pauses = study_pause.read_pauses(tmp_path)
+    assert pauses == [(1000.0, 1030.0), (9000.0, 9010.0)]
+    assert study_pause.read_pauses(tmp_path / "elsewhere") == []
+    spans = [(990.0, 20.0), (1010.0, 40.0), (8000.0, 100.0)]  # 10 s and 20 s of them paused
+    assert study_pause.paused_in_epochs(spans, pauses) == 30.0
+
+    epochs = [{"epoch_started_at": start, "epoch_s": seconds} for start, seconds in spans]
+    run = SimpleNamespace(epochs=epochs, mean_epoch_s=160 / 3)
+    assert study_table.epoch_s(run, pauses) == pytest.approx(130 / 3)
+    untimed = SimpleNamespace(epochs=[{"epoch_s": 20.0}], mean_epoch_s=20.0)  # a run from before the stamps
+    assert study_table.epoch_s(untimed, pauses) == 20.0
+    trial = pd.Series({"time_s": 170.0, "epoch_spans": json.dumps(spans)})  # Tune's seconds: 10 more than epochs'
+    assert study_table.trial_s(SimpleNamespace(**trial), pauses) == (140.0, True)
+    assert study_table.trial_s(SimpleNamespace(time_s=170.0, epoch_spans=None), pauses) == (170.0, False)
 
 
 def test_the_ledger_carries_the_studys_store_to_another_machine_and_keeps_what_that_store_holds(tmp_path):
     """export writes runs, sweeps and the paired runs' test ranks as text with the paths made portable; load
     into a store elsewhere gives the same rows there, the ranks as the workers wrote them, and keeps the rows
     that store holds in a later version."""
-    import json
     from datetime import datetime, timedelta, timezone
 
     import study_ledger  # bench/
@@ -175,7 +205,6 @@ def test_a_sweep_the_ledger_carries_to_another_machine_resumes_its_trial_in_flig
     exported after the sweep's driver died carries its Tune directory and the trial's latest checkpoint; loaded
     into another store and storage folder (the first ones gone), the sweep resumes there and the trial goes on
     from its checkpoint's epoch, not from scratch. Exported again once it finished, the run keeps no weights."""
-    import json
     import os
     import shutil
     import subprocess
@@ -222,6 +251,8 @@ def test_a_sweep_the_ledger_carries_to_another_machine_resumes_its_trial_in_flig
     (trial,) = store.open_table(db, SWEEPS).to_pandas().itertuples()
     assert (trial.status, trial.stop_reason, trial.epochs) == ("finished", "epochs", 6)
     assert f"carried-{trial.trial_id}" == run_copy.name  # the same trial, restored by Tune
+    starts = [start for start, _ in json.loads(trial.epoch_spans)]  # when each epoch ran, across the machines
+    assert len(starts) == 6 and starts == sorted(starts)
     run = read_runs(db).set_index("run_id").loc[run_copy.name]
     restored = list(run.restored_at)
     assert len(restored) == 1 and restored[0] >= 1 and run.epochs_run == 6  # on from its checkpoint

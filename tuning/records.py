@@ -3,7 +3,7 @@
 sweeps  one row per (sweep id, trial id): model, config JSON (the sampled values), status (finished: the run
         ended by its epochs, patience or time budget; stopped: ASHA stopped it; errored; unfinished: an
         interruption caught it running or pending), stop reason, epochs, optimizer steps, best validation metric,
-        the validation curve, seconds, the `runs` id of the trial, the sweep's settings JSON and the versions of
+        the validation curve, seconds (and when each epoch ran), the `runs` id of the trial, the sweep's settings JSON and the versions of
         the tables the sweep read. A trial that ASHA stops never reaches the end of run_training, so the sweep
         driver writes every row, from Tune's own results (which stay readable with tune.ExperimentAnalysis /
         ResultGrid): each trial's as it ends, all of them when the sweep ends.
@@ -49,12 +49,14 @@ SWEEPS_SCHEMA = pa.schema([
     pa.field("curve", pa.string()),  # JSON: the monitored validation metric of every epoch (the run's record or
     # latest checkpoint; Tune's results only where there is neither)
     pa.field("time_s", pa.float64()),  # the trial's seconds: Tune's count, or its epochs' where more (below)
+    pa.field("epoch_spans", pa.string()),  # JSON: [started at (Unix s), seconds] of each epoch of the curve
     pa.field("run_id", pa.string()),  # the trial's row in `runs` (runs live under the sweep's folder)
     pa.field("settings", pa.string()),  # JSON: the sweep's fixed training settings and its own settings
     pa.field("table_versions", pa.string()),  # JSON: the versions of items, interactions, sequences read
     pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
     pa.field("reported_at", pa.timestamp("us", tz="UTC")),  # the trial's last report
 ])
+LISTS = ("curve", "epoch_spans")  # a row's per-epoch lists, JSON in the table
 STOPPED_BY = "stopped_by"  # in the last result of a trial that ASHA stopped: "ASHA"
 DONE = ("finished", "stopped", "errored")  # the statuses of trials that will not run again (unless retried)
 
@@ -116,6 +118,7 @@ def trial_record(trial, tune_status: str, reports: list[dict], run, name: str, b
         "run_id": run_id(name, trial.trial_id),
         # Tune's clock restarts when it restores a trial; the epochs' own seconds span the restores
         "time_s": max(float(result.get("time_total_s") or 0.0), sum(float(m.get("epoch_s") or 0.0) for m in epochs)),
+        "epoch_spans": [[m.get("epoch_started_at"), m.get("epoch_s")] for m in epochs],
         "settings": json.dumps(sweep_settings, sort_keys=True, default=str),
         "table_versions": json.dumps(versions), "recorded_at": now(), "params": trial.config,
         "reported_at": datetime.fromtimestamp(timestamp, timezone.utc) if timestamp else None,
@@ -170,7 +173,7 @@ def write_trial(db, record: dict) -> None:
 
 
 def sweep_rows(records: list[dict]) -> pa.Table:
-    rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} | {"curve": json.dumps(record.get("curve", []))}
+    rows = [{f.name: record.get(f.name) for f in SWEEPS_SCHEMA} | {k: json.dumps(record.get(k, [])) for k in LISTS}
             for record in records]
     return pa.Table.from_pylist(rows, schema=SWEEPS_SCHEMA)
 
@@ -182,7 +185,7 @@ def recorded_trials(db, name: str) -> list[dict]:
         return []
     rows = store.read_columns(db, SWEEPS, where=f"sweep_id = {store.sql_string(name)}").to_pylist()
     for row in rows:
-        row |= {"params": json.loads(row["config"]), "curve": json.loads(row["curve"] or "[]")}
+        row |= {"params": json.loads(row["config"])} | {k: json.loads(row.get(k) or "[]") for k in LISTS}
     return sorted(rows, key=by_last_report)
 
 
