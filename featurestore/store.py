@@ -84,13 +84,16 @@ URI_SCHEMES = ("s3", "s3+ddb", "gs", "az", "abfss", "oss", "cos", "goosefs", "hf
 
 
 def check_uri(uri: str | None = None) -> str:
-    """`uri` (default DEFAULT_DB), checked without LanceDB, so before Ray starts: a scheme Lance opens, or a local
-    directory that exists or is created now. StoreError naming --db otherwise."""
+    """`uri` (default DEFAULT_DB), checked without LanceDB, so before Ray starts: a scheme Lance opens (an s3://
+    bucket that the AWS environment's settings can read), or a local directory that exists or is created now.
+    StoreError naming --db otherwise."""
     uri = uri or DEFAULT_DB
     if "://" in uri:
         scheme = uri.split("://", 1)[0].lower()
         if scheme not in URI_SCHEMES:
             raise StoreError(f"--db {uri!r}: LanceDB cannot open {scheme}:// URIs (only {', '.join(URI_SCHEMES)})")
+        if (problem := objectstore.unusable_bucket(uri)) is not None:
+            raise StoreError(f"--db {uri!r}: {problem}")
         return uri
     path = Path(uri)
     if path.exists() and not path.is_dir():

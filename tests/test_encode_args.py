@@ -53,3 +53,23 @@ def test_bad_arguments_fail_before_ray_starts(sample_catalog, tmp_path):
         assert rc == 2 and stderr.startswith(f"error: {named} ") and stderr.count("\n") == 1, (args, stderr)
         assert part in stderr, (args, stderr)
     assert not (tmp_path / "db").exists() or not any((tmp_path / "db").iterdir())  # nothing written
+
+
+def test_an_s3_store_that_cannot_be_used_fails_before_ray_starts_and_names_why(sample_catalog, s3):
+    """A wrong secret, a bucket that is not there, an endpoint where nothing listens: one request each, told in
+    one line naming --db, before Ray starts, and the secret in no message."""
+    from featurestore.raycluster import free_port
+
+    cases = [  # (environment changes, bucket, a part of the message); each case sets every variable it changes
+        ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, s3.bucket, f"the bucket '{s3.bucket}' cannot be read"),
+        ({"AWS_SECRET_ACCESS_KEY": s3.secret_key}, "no-such-bucket",
+         f"the bucket 'no-such-bucket' does not exist at {s3.endpoint}"),
+        ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, s3.bucket, "cannot be read"),
+    ]
+    argvs = [["--catalog", str(sample_catalog), "--db", f"s3://{bucket}/store"] for _, bucket, _ in cases]
+    runs, ray_started = encode_flow_runs(argvs, dict(os.environ), [changes for changes, _, _ in cases])
+    assert ray_started is False
+    for (changes, bucket, part), (rc, stderr) in zip(cases, runs):
+        assert rc == 2 and stderr.count("\n") == 1, (changes, stderr)
+        assert stderr.startswith(f"error: --db 's3://{bucket}/store': ") and part in stderr, (changes, stderr)
+        assert s3.secret_key not in stderr

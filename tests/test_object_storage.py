@@ -54,7 +54,7 @@ def test_a_store_on_s3_takes_its_settings_from_the_environment(s3):
 
 def test_wrong_credentials_are_a_store_error(s3, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    with pytest.raises(store.StoreError, match="cannot open LanceDB database 's3://"):
+    with pytest.raises(store.StoreError, match=f"s3://{s3.bucket}/connect-test': the bucket '{s3.bucket}' cannot be"):
         store.connect(f"s3://{s3.bucket}/connect-test")
 
 
