@@ -155,22 +155,19 @@ def pending_placement_group(cluster) -> bool:
 
 @pytest.mark.slow
 def test_the_second_node_killed_mid_training_the_run_waits_for_a_node_and_resumes_there(two_nodes, tmp_path):
-    """STRICT_SPREAD: a worker on each node, or the run waits. In epoch 2 (epoch 1's checkpoint committed) rank 1's
-    process dies (the loop's test hook) and the second node is killed (SIGKILL, no draining). Ray Train restarts the
-    workers, which cannot be placed on the head alone: the run waits until the test adds a node, then resumes
-    from the checkpoint on the head and the new node and trains the epochs an uninterrupted run does.
-
-    The hook makes the kill land mid-run: once it fired, the run cannot finish without starting a new worker group,
-    and the test kills the node as soon as it sees the hook's marker. Whether Ray Train's restart comes before the
-    kill (which then fails the restarted group too) or after it, the run ends up waiting for a node; max_failures
-    2 covers both."""
+    """STRICT_SPREAD: a worker on each node, or the run waits. In epoch 2 (epoch 1's checkpoint committed) rank 1
+    stops where it is (the loop's test hook, blocking) and the second node is killed (SIGKILL, no draining): the
+    node's death is the run's only failure (max_failures 1). Ray Train restarts the workers, which cannot be
+    placed on the head alone: the run waits until the test adds a node, then resumes from the checkpoint on the
+    head and the new node and trains the epochs an uninterrupted run does. The hook makes the kill land mid-run:
+    the test kills the node once it sees the hook's marker, and the run cannot finish without a new worker group."""
     db = build_ml100k_store(str(tmp_path / "db"), 32)
     marker, log = tmp_path / "crashed", tmp_path / "driver.log"
     epochs = 2
     driver = start_driver(two_nodes, {
         **TINY, "db": db.uri, "storage": str(tmp_path / "runs"), "name": "node-lost", "epochs": epochs,
-        "placement_strategy": "STRICT_SPREAD", "max_failures": 2,
-        "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(marker)}}, log)
+        "placement_strategy": "STRICT_SPREAD", "max_failures": 1,
+        "fail_at": {"epoch": 2, "step": 1, "rank": 1, "marker": str(marker), "block": True}}, log)
     second = next(iter(two_nodes.worker_nodes))
     try:
         wait_until(marker.exists, "the failure in epoch 2", driver=driver, log=log)

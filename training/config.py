@@ -102,7 +102,7 @@ class TrainConfig:
     save_item_vectors: bool = field(default=True, metadata={
         "help": "write the trained item vectors to --vectors-table (a sweep's trials do not)"})
     save_plot: bool = field(default=True, metadata={"help": "write the learning-curve PNG beside the checkpoints"})
-    # tests only: {"epoch", "step", "rank", "marker"}, see training.loop
+    # tests only: {"epoch", "step", "rank", "marker"[, "block"]}, see training.loop
     fail_at: dict[str, Any] | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:

@@ -127,10 +127,12 @@ def report(metrics: dict, progress: Progress, model: SequentialRecommender, opti
 
 
 def failure_injector(fail_at: dict | None, epoch: int, rank: int) -> Callable[[int], None]:
-    """Tests only: a step hook that kills this worker process at fail_at's (epoch, step, rank), once.
+    """Tests only: a step hook that, at fail_at's (epoch, step, rank), once, kills this worker process, or with
+    fail_at["block"] stops it there for good (a test then brings the failure itself, killing the worker's node:
+    that death is the run's only failure).
 
-    The marker file says it happened (a restarted worker must not fail again). The crash waits until
-    Ray Train has committed the checkpoints reported so far, so the restart point is deterministic.
+    The marker file says it happened (a restarted worker must not fail again). Either waits until Ray Train has
+    committed the checkpoints reported so far, so the restart point is deterministic.
     """
     if not fail_at or (fail_at["epoch"], fail_at["rank"]) != (epoch, rank) or os.path.exists(fail_at["marker"]):
         return lambda step: None
@@ -139,6 +141,8 @@ def failure_injector(fail_at: dict | None, epoch: int, rank: int) -> Callable[[i
         if step == fail_at["step"]:
             ray.train.get_all_reported_checkpoints()
             Path(fail_at["marker"]).touch()
+            while fail_at.get("block"):
+                time.sleep(1)
             os._exit(1)
 
     return fail
