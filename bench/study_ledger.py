@@ -153,8 +153,9 @@ def ended_trial_runs(storage: Path) -> set[Path]:
 
 
 def copy_run(source: Path, copy: Path, weights: bool, attempts: int = 5) -> None:
-    """A run folder: its files and the checkpoints its Ray Train snapshot names (with their weights, or not).
-    The run may write a checkpoint meanwhile and drop the one before: then again, from the new snapshot."""
+    """A run folder: its files and the checkpoints its Ray Train snapshot names, the latest with its weights if
+    `weights`. The run may write a checkpoint meanwhile and drop the one before: then again, from the new
+    snapshot."""
     for _ in range(attempts):
         shutil.rmtree(copy, ignore_errors=True)
         copy.mkdir(parents=True)
@@ -162,11 +163,13 @@ def copy_run(source: Path, copy: Path, weights: bool, attempts: int = 5) -> None
             for path in source.iterdir():  # the snapshot before the checkpoints it names
                 if path.is_file():
                     shutil.copy2(path, copy / path.name)
-            named = [c["checkpoint_dir_name"] for c in
-                     json.loads((copy / SNAPSHOT).read_text())["checkpoint_results"]] if (copy / SNAPSHOT).exists() else []
-            for name in named:
+            snapshot = json.loads((copy / SNAPSHOT).read_text()) if (copy / SNAPSHOT).exists() else {}
+            latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+            for name in [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]:
+                # the latest checkpoint holds the best weights too: a resumed run needs no other's
+                kept = weights and name == latest
                 shutil.copytree(source / name, copy / name,
-                                ignore=lambda folder, files: [] if weights else [f for f in files if f in WEIGHTS])
+                                ignore=lambda folder, files, kept=kept: [] if kept else [f for f in files if f in WEIGHTS])
             return
         except FileNotFoundError:  # a checkpoint removed as we copied: its successor is in the snapshot now
             continue
