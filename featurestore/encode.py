@@ -32,6 +32,13 @@ DEFAULT_TEMPLATE = "{title}|Categories: {categories}|{description}"
 RETRY_PREFIX = "retry:"
 
 
+def rules_prefix(policy: ImagePolicy) -> str:
+    """Stored before the content hash of an item whose image a rule refused (the roots, the private-address rule,
+    the caps), with a digest of those rules: a run under the same rules finds the item unchanged, a run whose
+    flags changed them (a wider --image-root, say) fetches its image again."""
+    return f"rules-{policy.rules_fingerprint}:"
+
+
 @dataclass(frozen=True)
 class TextTemplate:
     """`|`-separated parts such as "Categories: {categories}"; a part whose fields are all empty is left out."""
@@ -306,17 +313,32 @@ def _usable_keys(block: pa.Table) -> pa.Table:
                      pa.nulls(usable.num_rows, pa.string())], schema=KEYS_SCHEMA)
 
 
-def classify(block: pa.Table, source: CatalogSource) -> pa.Table:
+def retried_when(transient: bool, by_rule: bool) -> str:
+    """How an image failure's reject record ends: when the image will be fetched again."""
+    if transient:
+        return "transient, retried on the next run"
+    return "tried again once the flags change the rule" if by_rule else "permanent"
+
+
+def classify(block: pa.Table, source: CatalogSource, rules: str) -> pa.Table:
     """Ray Data batch function over catalog rows joined with their id's first rank and stored hashes: WORK_SCHEMA
-    rows (the ones to encode, the ones rejected whole) and one tally row for the rest."""
+    rows (the ones to encode, the ones rejected whole) and one tally row for the rest. A stored hash matches
+    the row's as it is or under `rules` (rules_prefix: the image rules of this run)."""
     def flag(condition) -> np.ndarray:
         return np.asarray(pc.fill_null(condition, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    fresh = block.column("content_hash")
+    under_rules = pc.binary_join_element_wise(pa.scalar(rules), pc.cast(fresh, pa.string()), "")  # (a join's
+    # output may hold large strings, which the join's kernel does not mix with a plain string)
+
+    def matches(stored: str) -> np.ndarray:
+        return flag(pc.or_kleene(pc.equal(block.column(stored), fresh), pc.equal(block.column(stored), under_rules)))
 
     rejected = flag(pc.is_valid(block.column("reject")))
     repeated = ~rejected & flag(pc.not_equal(block.column("rank"), block.column("first_rank")))
     usable = ~rejected & ~repeated
-    unchanged = usable & flag(pc.equal(block.column("stored_hash"), block.column("content_hash")))
-    still_rejected = usable & ~unchanged & flag(pc.equal(block.column("rejected_hash"), block.column("content_hash")))
+    unchanged = usable & matches("stored_hash")
+    still_rejected = usable & ~unchanged & matches("rejected_hash")
     keep = ~(unchanged | still_rejected)
     reasons = block.column("reject").to_pylist()
     ids, first_ranks = block.column("item_id").to_pylist(), block.column("first_rank").to_pylist()
@@ -399,6 +421,7 @@ class StagingTarget:
     text_encoder: tuple[str, str, int]  # name, version, dim
     image_encoder: tuple[str, str, int]
     encoded_at: datetime
+    rules_prefix: str  # before the hash of an item whose image a rule refused
 
     def item_rows(self, work: pa.Table) -> tuple[pa.Table, pa.Table, dict]:
         """WORK_SCHEMA rows after the encoders -> (items rows, reject records, counts). Image failures keep their
@@ -412,11 +435,12 @@ class StagingTarget:
         has_image = encode & np.asarray(work.column("image_emb").is_valid().to_numpy(zero_copy_only=False), bool) \
             if "image_emb" in work.column_names else np.zeros(n, bool)
         errors = work.column("image_error").to_pylist() if "image_error" in work.column_names else [None] * n
-        transient = work.column("image_transient").to_pylist() if "image_transient" in work.column_names else [False] * n
+        transient, by_rule = (work.column(c).to_pylist() if c in work.column_names else [False] * n
+                              for c in ("image_transient", "image_by_rule"))
         keep = has_text | has_image
-        hashes = [RETRY_PREFIX + h if t else h for h, t in zip(work.column("content_hash").to_pylist(), transient)]
-        failures = [f"{e} ({'transient, retried on the next run' if t else 'permanent'})" if e else ""
-                    for e, t in zip(errors, transient)]
+        hashes = [RETRY_PREFIX + h if t else self.rules_prefix + h if r else h
+                  for h, t, r in zip(work.column("content_hash").to_pylist(), transient, by_rule)]
+        failures = [f"{e} ({retried_when(t, r)})" if e else "" for e, t, r in zip(errors, transient, by_rule)]
         records = []
         for i, (source, row, item_id, reason) in enumerate(zip(*(work.column(c).to_pylist()
                                                                 for c in ("source", "row", "item_id", "reason")))):
@@ -490,7 +514,7 @@ class EncodeJob:
                     f"write to another --table or drop this one"
                 )
 
-    def plan(self, source: CatalogSource, cluster_cpus: float):
+    def plan(self, source: CatalogSource, cluster_cpus: float, rules: str):
         """The rows of the catalog as WORK_SCHEMA: read, parsed, text and hash added, and joined on item_id with
         the first rank of their id and the hashes stored in the table and its rejects.
 
@@ -512,7 +536,7 @@ class EncodeJob:
             Min("rank", alias_name="first_rank"), Max("stored_hash", alias_name="stored_hash"),
             Max("rejected_hash", alias_name="rejected_hash"))
         decided = rows.join(verdict_keys, "left_outer", num_partitions=partitions, on=("item_id",))
-        return decided.map_batches(classify, fn_args=(source,), batch_size=None, batch_format="pyarrow",
+        return decided.map_batches(classify, fn_args=(source, rules), batch_size=None, batch_format="pyarrow",
                                    num_cpus=DATA_TASK_CPUS)
 
     def pipeline(self, source: CatalogSource, target: StagingTarget, images: ImagePolicy):
@@ -530,7 +554,8 @@ class EncodeJob:
         # Blocks of a few batches: an actor pool hands out whole blocks, and a join's output blocks are whole
         # partitions, which one actor would encode alone. The repartition streams (no shuffle); its tasks get
         # DATA_TASK_CPUS like every task here.
-        ds = self.plan(source, resources.get("CPU", 1)).repartition(target_num_rows_per_block=4 * s.batch_size)
+        ds = self.plan(source, resources.get("CPU", 1), target.rules_prefix).repartition(
+            target_num_rows_per_block=4 * s.batch_size)
         if with_images:
             from featurestore.images import ImageLoader
 
@@ -548,6 +573,7 @@ class EncodeJob:
         clock = Phases()
         with clock("recover"):
             self.merge_staged()  # what a killed run staged: merged before planning, so it is not encoded again
+        images = self.settings.images.with_root(source.base, source.storage_options)
         target = StagingTarget(
             staged_uri=self._create_staging(self.staged, self.schema),
             staged_rejects_uri=self._create_staging(self.staged_rejects, store.REJECTS_SCHEMA),
@@ -555,8 +581,7 @@ class EncodeJob:
             schema=self.schema,
             text_encoder=(self.text_config.name, self.text_config.version, self.text_config.dim),
             image_encoder=(self.image_config.name, self.image_config.version, self.image_config.dim),
-            encoded_at=datetime.now(timezone.utc))
-        images = self.settings.images.with_root(source.base, source.storage_options)
+            encoded_at=datetime.now(timezone.utc), rules_prefix=rules_prefix(images))
         pending = {"items": [], "rejects": []}
         pending_rows, last_commit = 0, time.perf_counter()
         first_at = steady_from = None

@@ -10,9 +10,11 @@ header before decoding. A refusal names the rule, never whether a file outside t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import io
 import ipaddress
+import json
 import math
 import os
 import posixpath
@@ -40,16 +42,19 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # RFC 3986 reserved characters and "%": left as they are in a request path
+PRIVATE_RULE = "the private-address rule (private, loopback and reserved addresses need --allow-private-hosts)"
 OUTSIDE_ROOTS = ("refused by the image-root rule: the path is outside the allowed roots "
                  "(the catalog's folder, --image-root)")
 
 
 class ImageFetchError(Exception):
-    """An image that cannot be used. `transient`: it may succeed later (timeout, connection, HTTP 5xx/429)."""
+    """An image that cannot be used. `transient`: it may succeed later (timeout, connection, HTTP 5xx/429);
+    `by_rule`: a rule of the policy that a flag changes refused it (the roots, the private-address rule, the byte
+    and pixel caps), so it may be used once that flag changes."""
 
-    def __init__(self, reason: str, transient: bool = False):
+    def __init__(self, reason: str, transient: bool = False, by_rule: bool = False):
         super().__init__(reason)
-        self.transient = transient
+        self.transient, self.by_rule = transient, by_rule
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,15 @@ class ImagePolicy:
         if any(address in network for network in ALWAYS_REFUSED):
             return "the link-local/metadata address rule (always refused)"
         if (not address.is_global or address.is_multicast) and not self.allow_private_hosts:
-            return "the private-address rule (private, loopback and reserved addresses need --allow-private-hosts)"
+            return PRIVATE_RULE
         return None
+
+    @property
+    def rules_fingerprint(self) -> str:
+        """A digest of what the flags decide of the rules that may refuse an image (roots, private hosts, caps):
+        an image refused by a rule is tried again when it changes."""
+        rules = [sorted(self.roots), self.allow_private_hosts, self.max_bytes, self.max_pixels]
+        return hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:16]
 
 
 def fetch_bytes(ref: str, policy: ImagePolicy) -> bytes:
@@ -143,7 +155,7 @@ def _split(url: str):
 def _read_local(path: str, policy: ImagePolicy) -> bytes:
     real = os.path.realpath(path)
     if not policy.inside_roots(real):  # decided before any stat or open: the reason is the same either way
-        raise ImageFetchError(OUTSIDE_ROOTS)
+        raise ImageFetchError(OUTSIDE_ROOTS, by_rule=True)
     try:
         with os.fdopen(os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as file:
             if os.fstat(file.fileno()).st_size > policy.max_bytes:
@@ -164,7 +176,7 @@ def _read_object(uri: str, policy: ImagePolicy) -> bytes:
     scheme, path = uri.split("://", 1)
     normalised = f"{scheme}://{posixpath.normpath(path)}"
     if not policy.inside_roots(normalised):
-        raise ImageFetchError(OUTSIDE_ROOTS)
+        raise ImageFetchError(OUTSIDE_ROOTS, by_rule=True)
     fs, fs_path = objectstore.filesystem(normalised, dict(policy.storage_options) or None)
     try:
         with fs.open_input_stream(fs_path) as stream:
@@ -179,7 +191,8 @@ def _read_object(uri: str, policy: ImagePolicy) -> bytes:
 
 
 def _over_byte_cap(policy: ImagePolicy) -> ImageFetchError:
-    return ImageFetchError(f"refused by the byte cap: larger than --max-image-bytes ({policy.max_bytes} bytes)")
+    return ImageFetchError(f"refused by the byte cap: larger than --max-image-bytes ({policy.max_bytes} bytes)",
+                           by_rule=True)
 
 
 def _fetch_url(url: str, policy: ImagePolicy) -> bytes:
@@ -307,7 +320,8 @@ class _Exchange:
         for address in addresses:
             rule = self.policy.address_refusal(address)
             if rule:
-                raise ImageFetchError(f"refused by {rule}: {self.host} resolves to {address}")
+                raise ImageFetchError(f"refused by {rule}: {self.host} resolves to {address}",
+                                      by_rule=rule == PRIVATE_RULE)
         return str(addresses[0])
 
     def _remaining(self) -> float:
@@ -368,7 +382,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             raise Image.DecompressionBombError(f"{image.width} x {image.height} pixels")
         image.load()
     except Image.DecompressionBombError as e:
-        raise ImageFetchError(f"refused by the pixel cap: {e} (--max-image-pixels {max_pixels})") from None
+        raise ImageFetchError(f"refused by the pixel cap: {e} (--max-image-pixels {max_pixels})", by_rule=True) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise ImageFetchError(f"cannot decode image: {e}") from e
     return image
@@ -376,7 +390,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 
 class ImageLoader:
     """Ray Data batch function: adds `pixels` (each row's (S, S, 3) uint8 image as bytes, null without one),
-    `image_error` and `image_transient` columns.
+    `image_error`, `image_transient` and `image_by_rule` columns.
 
     Runs as CPU tasks, so decoding and resizing happen on the workers, never on the driver. A batch's images
     are fetched in threads, at most `policy.per_host` at a time from one host, so a slow URL costs its own
@@ -413,7 +427,7 @@ class ImageLoader:
         """Rows to encode (all rows, or those whose `verdict` is "encode") get their image fetched and decoded."""
         n = batch.num_rows
         pixels: list[bytes | None] = [None] * n
-        transient = [False] * n
+        transient, by_rule = [False] * n, [False] * n
         errors = [""] * n
         refs, data = batch.column("image_ref").to_pylist(), batch.column("image_bytes").to_pylist()
         encode = batch.column("verdict").to_pylist() if "verdict" in batch.column_names else ["encode"] * n
@@ -427,8 +441,9 @@ class ImageLoader:
                     try:
                         pixels[i] = self.pixels(future.result()).tobytes()  # (S, S, 3) uint8
                     except ImageFetchError as e:
-                        errors[i], transient[i] = str(e), e.transient
+                        errors[i], transient[i], by_rule[i] = str(e), e.transient, e.by_rule
         return (batch.drop_columns(["image_bytes"])  # consumed here: inline images can be large
                 .append_column("pixels", pa.array(pixels, pa.binary()))
                 .append_column("image_error", pa.array(errors, pa.string()))
-                .append_column("image_transient", pa.array(transient, pa.bool_())))
+                .append_column("image_transient", pa.array(transient, pa.bool_()))
+                .append_column("image_by_rule", pa.array(by_rule, pa.bool_())))

@@ -414,6 +414,33 @@ def test_one_slow_url_costs_its_own_deadline_not_the_batch(server):
     assert results == [(True, "", False), (True, "", False)]
 
 
+def test_refusals_a_flag_can_lift_are_told_apart_and_the_rules_digest_follows_those_flags(server, tree):
+    """What --image-root, --allow-private-hosts and the caps refuse, a later run's flags may allow (the flow then
+    fetches it again); the link-local and scheme rules, and what is no image, never."""
+    import dataclasses
+
+    policy = ImagePolicy(retries=0, max_bytes=4000, roots=(str(tree / "catalog"),))
+    (tree / "catalog" / "big.png").write_bytes(b"\0" * 5000)
+    server.routes["/page.png"] = send(b"<html>hi</html>", "text/html")
+    cases = {str(tree / "private.png"): True, str(tree / "catalog" / "big.png"): True, server.url("/x.png"): True,
+             "http://169.254.169.254/x.png": False, "ftp://host/x.png": False}
+    for ref, lifted in cases.items():
+        with pytest.raises(ImageFetchError) as refused:
+            fetch_bytes(ref, policy)
+        assert refused.value.by_rule is lifted and not refused.value.transient, (ref, str(refused.value))
+    with pytest.raises(ImageFetchError) as page:
+        fetch_bytes(server.url("/page.png"), LOOPBACK)
+    with pytest.raises(ImageFetchError) as bomb:
+        decode(png_header(100_000, 100_000), policy.max_pixels)  # (decode sets PIL's process-wide limit to it)
+    assert (page.value.by_rule, bomb.value.by_rule) == (False, True)
+    digest = policy.rules_fingerprint
+    assert dataclasses.replace(policy, roots=tuple(reversed((str(tree / "catalog"), str(tree))))).rules_fingerprint \
+        == dataclasses.replace(policy, roots=(str(tree / "catalog"), str(tree))).rules_fingerprint != digest
+    for lifted in ({"allow_private_hosts": True}, {"max_bytes": 5000}, {"max_pixels": 10}):
+        assert dataclasses.replace(policy, **lifted).rules_fingerprint != digest, lifted
+    assert dataclasses.replace(policy, deadline_s=5, retries=3, per_host=1).rules_fingerprint == digest
+
+
 def test_bad_image_settings_name_their_flag(tmp_path):
     (tmp_path / "a-file").write_text("x")
     for settings, message in [
@@ -440,8 +467,14 @@ def test_bad_image_flags_fail_before_ray_starts(sample_catalog):
 
 
 @pytest.mark.slow
-def test_the_flow_refuses_each_rule_and_retries_only_transient_failures(ray_local, server, tree, sample_catalog):
-    from featurestore.encode import RETRY_PREFIX, encode_catalog
+def test_the_flow_refuses_each_rule_and_retries_transient_failures_and_what_wider_rules_allow(
+        ray_local, server, tree, sample_catalog):
+    """Run 1 records every refusal; run 2 (the server healed) fetches only the transient failures again; run 3,
+    with --image-root and --max-image-bytes widened, fetches again what the roots and the caps refused, and
+    nothing that no flag allows (the metadata address, HTML)."""
+    import dataclasses
+
+    from featurestore.encode import RETRY_PREFIX, encode_catalog, rules_prefix
 
     healthy = threading.Event()
 
@@ -470,13 +503,17 @@ def test_the_flow_refuses_each_rule_and_retries_only_transient_failures(ray_loca
                 "metadata": "refused by the link-local/metadata address rule", "big": "refused by the byte cap",
                 "bomb": "refused by the pixel cap", "html": "cannot decode image", "flaky": "HTTP 503",
                 "slow": "deadline passed"}
+    by_rule = {"dotdot", "symlink_out", "big", "bomb"}  # what --image-root and the caps' flags decide
     for item, start in expected.items():
         assert reasons[item].startswith(start), (item, reasons[item])
-        kind = "(transient, retried on the next run)" if item in ("flaky", "slow") else "(permanent)"
+        kind = ("(transient, retried on the next run)" if item in ("flaky", "slow") else
+                "(tried again once the flags change the rule)" if item in by_rule else "(permanent)")
         assert kind in reasons[item], (item, reasons[item])
     assert server.requests.count("/hop") == 1
     hashes = db.open_table("items").to_pandas().set_index("item_id")["content_hash"]
-    assert hashes["flaky"].startswith(RETRY_PREFIX) and not hashes["big"].startswith(RETRY_PREFIX)
+    rules = rules_prefix(policy.with_root(catalog.parent))  # the catalog's folder is a root of every run
+    assert hashes["flaky"].startswith(RETRY_PREFIX) and hashes["big"].startswith(rules)
+    assert {item for item, h in hashes.items() if h.startswith(rules)} == by_rule
 
     healthy.set()
     second = encode_catalog(str(catalog), db_uri=db_uri, batch_size=4, images=policy)
@@ -487,3 +524,15 @@ def test_the_flow_refuses_each_rule_and_retries_only_transient_failures(ray_loca
     assert "flaky" not in reasons.index and reasons["slow"].startswith("deadline passed")
     assert set(reasons.index) == set(expected) - {"flaky"}  # the permanent ones kept, not fetched again
     assert server.requests.count("/big.png") == 1 and server.requests.count("/flaky.jpg") == 2
+
+    wider = dataclasses.replace(policy, roots=(str(tree),), max_bytes=4_000_000)  # the private photo's folder too
+    third = encode_catalog(str(catalog), db_uri=db_uri, batch_size=4, images=wider)
+    assert (third.encoded, third.unchanged) == (5, 4)  # the four a rule refused, and the slow one
+    items = db.open_table("items").to_pandas().set_index("item_id")
+    assert items["image_emb"].notna()[["dotdot", "symlink_out"]].all()
+    reasons = db.open_table("item_rejects").to_pandas().set_index("item_id")["reason"]
+    assert reasons["big"].startswith("cannot decode image") and "(permanent)" in reasons["big"]  # past the cap now
+    assert reasons["bomb"].startswith("refused by the pixel cap")
+    assert set(reasons.index) == {"metadata", "big", "bomb", "html", "slow"}
+    assert server.requests.count("/big.png") == 2 and server.requests.count("/hop") == 1
+    assert server.requests.count("/page.jpg") == 1
