@@ -5,11 +5,13 @@
 #
 #   git worktree add --detach ../study HEAD
 #   mkdir -p ~/study-data/logs   # outside the work tree
-#   STUDY_DATA=~/study-data nohup ../study/bench/study.sh > ~/study-data/logs/study.log 2>&1 &
+#   STUDY_DATA=~/study-data setsid nohup ../study/bench/study.sh > ~/study-data/logs/study.log 2>&1 &
 #
-# Its state is the store (`runs`, `sweeps`, the runs' test ranks); bench/study_ledger.py keeps that in the
-# repository (export it, commit bench/results/study/ledger), and this loads it into a fresh store first, so the
-# study continues on another machine or in another session.
+# (setsid: bench/study_pause.py stops and continues the study's session while the test suite runs.) Its state
+# is the store (`runs`, `sweeps`, the runs' test ranks) and the storage folder (Tune's directories, the runs in
+# flight); bench/study_ledger.py keeps both in the repository (export it, commit bench/results/study/ledger),
+# and this loads it first (into a fresh store and storage folder), so the study continues on another machine
+# or in another session, its trials in flight from their last checkpoints.
 #
 # Steps: one sweep per model (flows/tune.py: 32 trials, Optuna + ASHA, the default spaces, final seeds 1..5),
 # the ablations and the authors' protocol (3 seeds) and the time-to-quality runs (bench/study_runs.py), then

@@ -328,8 +328,8 @@ def classify(block: pa.Table, source: CatalogSource, rules: str) -> pa.Table:
         return np.asarray(pc.fill_null(condition, False).to_numpy(zero_copy_only=False), dtype=bool)
 
     fresh = block.column("content_hash")
-    under_rules = pc.binary_join_element_wise(pa.scalar(rules), pc.cast(fresh, pa.string()), "")  # (a join's
-    # output may hold large strings, which the join's kernel does not mix with a plain string)
+    # (cast: a join's output may hold large strings, which binary_join does not mix with a plain string)
+    under_rules = pc.binary_join_element_wise(pa.scalar(rules), pc.cast(fresh, pa.string()), "")
 
     def matches(stored: str) -> np.ndarray:
         return flag(pc.or_kleene(pc.equal(block.column(stored), fresh), pc.equal(block.column(stored), under_rules)))
