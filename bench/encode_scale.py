@@ -101,7 +101,7 @@ def run_flow(catalog: Path, db: Path, model: Path, batch_size: int, summary_path
         "input": summary["input"], "encoded": summary["encoded"], "unchanged": summary["unchanged"],
         "rejected_whole": summary["rejected_whole"],
         "first_batch_s": round(summary["first_batch_seconds"], 2),
-        "steady_items_per_s": round(summary["steady_items_per_s"], 1),
+        "steady_items_per_s": summary["steady_items_per_s"] and round(summary["steady_items_per_s"], 1),
         "stream_items_per_s": round(summary["encoded"] / summary["phases"]["stream"], 1) if summary["encoded"] else None,
         "end_to_end_items_per_s": round(summary["encoded"] / wall, 1) if summary["encoded"] else None,
         "merge_rows_per_s": round(merged / merge_s, 1) if merged and merge_s else None,

@@ -191,3 +191,16 @@ def test_resource_plan_never_starves_the_feeding_tasks():
         plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=8, gpus_per_actor=0)
     with pytest.raises(ResourcePlanError, match="more than the 1 it keeps for Ray Data"):
         plan_resources(cluster_cpus=1, cluster_gpus=0, stages=1, actors=None, gpus_per_actor=None)
+
+
+
+def test_the_steady_rate_is_measured_only_over_a_window_of_at_least_half_the_stream():
+    """Results that reach the driver in one burst at the end measure the burst: no steady rate then."""
+    from featurestore.encode import EncodeSummary, steady_rate
+
+    # (first results with encoded items: when, how many), all encoded, the stream's end, the stream's seconds
+    assert steady_rate((10.0, 100), 1100, 30.0, 30.0) == 50.0  # 1,000 items over the last 20 of 30 s
+    assert steady_rate((29.9, 100), 1682, 30.0, 30.0) is None  # the rest arrived with the first: a burst
+    assert steady_rate((10.0, 100), 100, 30.0, 30.0) is None and steady_rate(None, 0, 30.0, 30.0) is None
+    lines = EncodeSummary("items", encoded=5, encode_seconds=1.0).lines()
+    assert "5.0 items/s overall, steady state not measured: the results came in a burst" in lines[1]
