@@ -182,6 +182,19 @@ def upsert(db, name: str, data: pa.Table | pa.RecordBatchReader, key: str | list
     return table
 
 
+def ensure_table(db, name: str, schema: pa.Schema):
+    """Table `name`, created empty where it is missing. A table that processes write at once (the `runs` of a
+    sweep's trials) is created so before they start: Lance commits a creation as an overwrite, and one that
+    races another process's first rows can erase them. Two creations racing each other leave one table."""
+    table = open_table(db, name, required=False)
+    if table is not None:
+        return table
+    try:
+        return db.create_table(name, schema=schema)
+    except (ValueError, OSError, RuntimeError):  # "already exists", or a commit conflict with the other creation
+        return open_table(db, name)
+
+
 def add_missing_fields(db, name: str, schema: pa.Schema) -> None:
     """Give table `name` (if it exists) the fields of `schema` it lacks, null in its rows: a record table written
     before a field existed takes rows that have it."""

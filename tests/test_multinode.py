@@ -139,7 +139,9 @@ def test_a_sweep_runs_its_two_trials_at_once_one_on_each_node(two_nodes, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 trial(s) at once, each a driver (0.25 CPU) and workers of 1.5 CPU" in done.stdout
     runs = records.read_runs(db)
-    first, second = runs[runs.run_id.str.startswith("nodes-")].itertuples()
+    first, second = runs[runs.run_id.str.startswith("nodes-")].itertuples()  # the trials ended at once: both rows
+    # kept, the table having been created before the trials (a creation is an overwrite in Lance)
+    assert store.open_table(db, records.RUNS).to_lance().checkout_version(1).count_rows() == 0
     assert first.started_at < second.finished_at and second.started_at < first.finished_at  # at once
     nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     assert len(first.worker_nodes) == len(second.worker_nodes) == 1

@@ -10,6 +10,8 @@ import math
 import os
 import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,37 @@ def test_item_vectors_replace_a_runs_rows_get_an_index_and_refuse_another_width(
     assert records.vectors_table_for(db, 32) == "item_vectors" and records.vectors_table_for(db, 64) == "item_vectors_64"
     with pytest.raises(store.StoreError, match="holds 32-d vectors; this model's item representations are 64-d"):
         records.check_vectors_table(db, "item_vectors", 64)
+
+
+# A run of a sweep's trials: its process finds the runs table (or creates it), waits until every other has done
+# so (a file each in a folder), then writes its row, at once with theirs.
+WRITE_A_RUN_ROW_WITH_THE_OTHERS = """
+import sys, time
+from pathlib import Path
+from featurestore import store
+from training import records
+uri, run_id, folder, writers = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+db = store.connect(uri)
+records.ensure_runs_table(db)
+(folder / run_id).touch()
+while len(list(folder.iterdir())) < writers:
+    time.sleep(0.01)
+records.write_run(db, {"run_id": run_id, "status": "finished"})
+"""
+
+
+def test_runs_written_at_once_by_processes_that_created_their_table_at_once_are_all_kept(tmp_path):
+    """Lance commits a table's creation as an overwrite: creations racing each other, or racing the first rows,
+    used to lose runs (a sweep's two trials ending together kept one row). Each process creates the table where
+    it is missing before any writes, and the losers of that race take the winner's table."""
+    writers, uri, folder = 3, str(tmp_path / "db"), tmp_path / "created"
+    folder.mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", WRITE_A_RUN_ROW_WITH_THE_OTHERS, uri, f"run-{i}",
+                                   str(folder), str(writers)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                 for i in range(writers)]
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    assert sorted(records.read_runs(store.connect(uri)).run_id) == [f"run-{i}" for i in range(writers)]
 
 
 # ---------------------------------------------------------------- a MovieLens-100k store

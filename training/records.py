@@ -66,10 +66,16 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def ensure_runs_table(db) -> None:
+    """The `runs` table with every field, created before runs that write it at once start."""
+    store.add_missing_fields(db, RUNS, RUNS_SCHEMA)
+    store.ensure_table(db, RUNS, RUNS_SCHEMA)
+
+
 def write_run(db, record: dict) -> None:
     """Insert or replace the run's row; missing fields are null."""
     row = {field.name: record.get(field.name) for field in RUNS_SCHEMA}
-    store.add_missing_fields(db, RUNS, RUNS_SCHEMA)
+    ensure_runs_table(db)
     store.upsert(db, RUNS, pa.Table.from_pylist([row], schema=RUNS_SCHEMA), "run_id")
 
 
@@ -105,6 +111,13 @@ def check_vectors_table(db, table_name: str, dim: int) -> None:
                                f"are {dim}-d: pass another vectors table (e.g. --vectors-table {table_name}_{dim})")
 
 
+def ensure_vectors_table(db, table_name: str, dim: int):
+    """The vectors table, created before training (runs that end at once then only add to it), or an error
+    before training where it holds vectors of another width."""
+    check_vectors_table(db, table_name, dim)
+    return store.ensure_table(db, table_name, vectors_schema(dim))
+
+
 def write_item_vectors(db, table_name: str, run_id: str, item_ids, vectors: np.ndarray) -> bool:
     """Replace the run's vectors in the table; build or refresh its ANN index once it is large enough.
 
@@ -114,13 +127,9 @@ def write_item_vectors(db, table_name: str, run_id: str, item_ids, vectors: np.n
     data = pa.table([pa.array([run_id] * len(item_ids), pa.string()), pa.array(list(item_ids), pa.string()),
                      pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim)],
                     schema=vectors_schema(dim))
-    table = store.open_table(db, table_name, required=False)
-    if table is None:
-        table = db.create_table(table_name, data=data, schema=data.schema)
-    else:
-        check_vectors_table(db, table_name, dim)
-        table.delete(f"run_id = {sql_string(run_id)}")
-        table.add(data)
+    table = ensure_vectors_table(db, table_name, dim)
+    table.delete(f"run_id = {sql_string(run_id)}")
+    table.add(data)
     # run_id gets a scalar index too: every query of these vectors filters by run
     return bool(store.ensure_indexes(table, ["vector"], VECTOR_METRIC, INDEX_MIN_ROWS, scalar_columns=["run_id"]))
 

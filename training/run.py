@@ -160,7 +160,9 @@ def run_training(config: Mapping[str, Any], callbacks: Sequence = (),
     if settings.resume:
         meta = resumed_meta(run_dir, meta, features, snapshot.n_items)
     vectors_table = settings.vectors_table or records.vectors_table_for(db, vector_dim)
-    records.check_vectors_table(db, vectors_table, vector_dim)
+    if settings.save_item_vectors:
+        records.ensure_vectors_table(db, vectors_table, vector_dim)
+    records.ensure_runs_table(db)
     plan = plan_for_cluster(settings.num_workers, settings.cpus_per_worker, settings.gpus_per_worker,
                             settings.threads_per_worker)
     print(f"run {run_dir.name}: {settings.model}, {snapshot.n_items} items, {snapshot.users} users, "

@@ -40,6 +40,7 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from training.config import TrainConfig
 from training.data import ensure_dataset, shared_splits, snapshot_store
+from training.records import ensure_runs_table
 from tuning.space import LISTED, check_space, finite_combinations, param_space, parse_spec, trial_settings
 
 SEARCHES = ("optuna", "random", "grid")
@@ -179,6 +180,7 @@ def run_sweep(settings: Mapping[str, Any], space: Mapping[str, Any], sweep: Swee
 
     if base.dataset:
         ensure_dataset(db, base.dataset)  # here, once: the trials then only read the store
+    ensure_runs_table(db)  # before trials that end at once write their rows into it
     rows = store.read_columns(db, "sequences", ["item_idx"])
     fewest, most = steps_per_epoch_range(rows, base, space)
     plan = plan_trials(ray.cluster_resources().get("CPU", 0.0), base, sweep.max_concurrent)
