@@ -192,7 +192,10 @@ def ensure_table(db, name: str, schema: pa.Schema):
     try:
         return db.create_table(name, schema=schema)
     except (ValueError, OSError, RuntimeError):  # "already exists", or a commit conflict with the other creation
-        return open_table(db, name)
+        table = open_table(db, name, required=False)
+        if table is None:  # no race lost: the creation itself failed
+            raise
+        return table
 
 
 def add_missing_fields(db, name: str, schema: pa.Schema) -> None:
