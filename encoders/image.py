@@ -2,18 +2,22 @@
 
 Preprocessing is split so that the costly part runs where it should: `preprocess` (decode-side resize and centre
 crop to uint8) runs in CPU tasks next to the image fetch; `encode` (scale, normalise, forward) runs in the actor.
+torch is imported by the encoder only: the flow's driver (the config) and the image-loading tasks (`preprocess`)
+never load it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from encoders.device import autocast, l2_normalize, pick_device, to_device
 from encoders.weights import weights_fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -25,19 +29,25 @@ class ImageConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_features: int | None = None  # the pooled feature width where known; None: read from a model timm builds
     modality: str = "image"
 
     @cached_property
     def dim(self) -> int:
+        if self.num_features is not None:
+            return self.num_features
         import timm
 
         return int(timm.create_model(self.name, pretrained=False).num_features)
 
     @cached_property
     def version(self) -> str:
-        import timm
+        if self.weights_file:
+            source = weights_fingerprint(self.weights_file)
+        else:
+            import timm
 
-        source = weights_fingerprint(self.weights_file) if self.weights_file else f"timm{timm.__version__}"
+            source = f"timm{timm.__version__}"
         return f"{self.name}@{source}/{self.input_size}px"
 
     @classmethod
@@ -80,6 +90,8 @@ def preprocess(image: Image.Image, config: ImageConfig) -> np.ndarray:
 
 def load_weights_in_order(model: torch.nn.Module, weights_file: str) -> None:
     """Load a state dict whose tensors match the model's one-to-one in order and shape, whatever their names."""
+    import torch
+
     source = [t for k, t in torch.load(weights_file, map_location="cpu").items() if not k.endswith("num_batches_tracked")]
     target = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     if len(source) != len(target):
@@ -98,6 +110,9 @@ class ImageEncoder:
 
     def __init__(self, config: ImageConfig, device: str | None = None):
         import timm
+        import torch
+
+        from encoders.device import pick_device
 
         self.config = config
         self.name = config.name
@@ -107,7 +122,9 @@ class ImageEncoder:
         if config.weights_file is not None:
             load_weights_in_order(model, config.weights_file)
         self.model = model.eval().to(self.device)
-        self.dim = int(model.num_features)  # == config.dim
+        self.dim = int(model.num_features)
+        if self.dim != config.dim:
+            raise ValueError(f"{config.name}: the model's features are {self.dim} wide, its config says {config.dim}")
         self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(config.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
@@ -116,19 +133,27 @@ class ImageEncoder:
 
     def _pixels(self, images: np.ndarray) -> torch.Tensor:
         """(n, S, S, 3) uint8 -> (n, 3, S, S) normalised float on the device."""
+        from encoders.device import to_device
+
         x = to_device(images, self.device).permute(0, 3, 1, 2).float()
         return (x - self._mean) / self._std
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 from `preprocess` -> (n, dim) float32 unit vectors (pooled pre-logits features)."""
-        with autocast(self.device):
+        import torch
+
+        from encoders.device import autocast, l2_normalize
+
+        with torch.inference_mode(), autocast(self.device):
             features = self.model.forward_features(self._pixels(images))
             pooled = self.model.forward_head(features, pre_logits=True)  # (n, dim)
         return l2_normalize(pooled)
 
-    @torch.inference_mode()
     def classify(self, images: np.ndarray) -> np.ndarray:
         """ImageNet logits, (n, 1000): proof that the pretrained weights are the ones loaded."""
-        with autocast(self.device):
+        import torch
+
+        from encoders.device import autocast
+
+        with torch.inference_mode(), autocast(self.device):
             return self.model(self._pixels(images)).float().cpu().numpy()

@@ -40,6 +40,7 @@ def _efficientnet_lite0() -> ImageConfig:
         interpolation="bilinear",
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
+        num_features=1280,  # declared, so the flow's driver never builds the model for its width (checked on load)
     )
 
 

@@ -1,14 +1,14 @@
-"""Text encoder: a transformers model + its tokenizer, masked mean pooling, L2-normalised float32; and its config."""
+"""Text encoder: a transformers model + its tokenizer, masked mean pooling, L2-normalised float32; and its config.
+torch and transformers are imported by the encoder only: the flow's driver needs the config alone."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from encoders.device import autocast, l2_normalize, pick_device
 from encoders.weights import weights_fingerprint
 
 
@@ -22,6 +22,9 @@ class TextConfig:
 
     @cached_property
     def dim(self) -> int:
+        local = Path(self.path) / "config.json"
+        if local.is_file():  # a model directory: its config says the width, no transformers import needed
+            return int(json.loads(local.read_text())["hidden_size"])
         from transformers import AutoConfig
 
         return int(AutoConfig.from_pretrained(self.path).hidden_size)
@@ -38,6 +41,8 @@ class TextEncoder:
     def __init__(self, config: TextConfig, device: str | None = None):
         from transformers import AutoModel, AutoTokenizer
 
+        from encoders.device import pick_device
+
         self.config = config
         self.name = config.name
         self.version = config.version
@@ -46,14 +51,18 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(config.path).eval().to(self.device)
         self.dim = config.dim
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n,) strings -> (n, dim) float32 unit vectors."""
+        import torch
+
+        from encoders.device import autocast, l2_normalize
+
         tokens = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
         ).to(self.device)
-        with autocast(self.device):
-            hidden = self.model(**tokens).last_hidden_state  # (n, T, dim)
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (n, dim)
-        return l2_normalize(pooled)
+        with torch.inference_mode():
+            with autocast(self.device):
+                hidden = self.model(**tokens).last_hidden_state  # (n, T, dim)
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (n, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (n, dim)
+            return l2_normalize(pooled)

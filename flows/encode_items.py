@@ -17,7 +17,7 @@ from featurestore import store  # noqa: E402
 from featurestore.formats import FORMATS  # noqa: E402
 from featurestore.encode import DEFAULT_TEMPLATE, EncodeSettings  # noqa: E402
 from featurestore.images import ImagePolicy  # noqa: E402
-from training.cli import run_job  # noqa: E402
+from featurestore.jobs import run_job  # noqa: E402
 
 
 def parse_args(argv=None):

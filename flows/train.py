@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from training.cli import add_train_arguments, run_job, settings_from  # noqa: E402
+from featurestore.jobs import run_job  # noqa: E402
+from training.cli import add_train_arguments, settings_from  # noqa: E402
 
 
 def parse_args(argv=None) -> dict:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
 
-from training.cli import add_dataclass_arguments, add_train_arguments, run_job, settings_from  # noqa: E402
+from featurestore.jobs import run_job  # noqa: E402
+from training.cli import add_dataclass_arguments, add_train_arguments, settings_from  # noqa: E402
 from tuning.space import SpaceError, check_space, default_space, load_space  # noqa: E402
 from tuning.sweep import SweepConfig  # noqa: E402
 

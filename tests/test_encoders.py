@@ -1,10 +1,15 @@
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
 from encoders import create_encoder, image_config, text_config
-from encoders.image import preprocess
+from encoders.image import ImageEncoder, preprocess
 from encoders.registry import UnknownEncoderError
 
 
@@ -76,6 +81,26 @@ def test_versions_name_the_weights():
     assert text_config("all-MiniLM-L6-v2").version.startswith("all-MiniLM-L6-v2@")
     assert image_config("tf_efficientnet_lite0").version == image_config("tf_efficientnet_lite0").version
     assert image_config("tf_efficientnet_lite0").dim == 1280 and text_config("all-MiniLM-L6-v2").dim == 384
+
+
+def test_a_declared_feature_width_is_checked_against_the_model_it_names():
+    config = dataclasses.replace(image_config("tf_efficientnet_lite0"), num_features=1000)
+    with pytest.raises(ValueError, match="1280 wide, its config says 1000"):
+        ImageEncoder(config, device="cpu")
+
+
+def test_the_encode_flows_driver_resolves_its_encoders_without_loading_torch():
+    """The driver only coordinates: the schema's widths and the versions come from the configs, and the models
+    (torch, timm, transformers: seconds and hundreds of MB per process) load in the actors only."""
+    code = ("import sys; sys.path.insert(0, 'flows'); import encode_items; from encoders import image_config, "
+            "text_config; from featurestore.images import ImageLoader; "
+            "i, t = image_config('tf_efficientnet_lite0'), text_config('all-MiniLM-L6-v2'); "
+            "print(i.dim, t.dim, i.version, t.version); "
+            "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, check=True)
+    widths, loaded = done.stdout.splitlines()
+    assert widths.startswith("1280 384 ") and loaded == "[]"
 
 
 def test_unknown_models_fail_clearly():

@@ -48,7 +48,7 @@ def test_a_runs_table_from_before_worker_nodes_gets_the_column(tmp_path):
 TINY = {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "batch_size": 256, "max_len": 20,
         "eval_batch_size": 512, "model_config": {"hidden_size": 16, "n_layers": 1, "n_heads": 1}}
 # A job's driver as flows/train.py is, taking its settings as JSON (fail_at, a test hook, has no flag).
-DRIVER = ("import json, sys; from training import run_training; from training.cli import run_job; "
+DRIVER = ("import json, sys; from training import run_training; from featurestore.jobs import run_job; "
           "sys.exit(run_job(lambda: run_training(json.loads(sys.argv[1]))))")
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from recmodels import MODELS
@@ -150,18 +150,3 @@ def value_text(value: Any) -> str:
     if value is None or value is False:
         return ""
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def run_job(job: Callable[[], Any]) -> int:
-    """A flow's exit status: run `job` and print its result's lines (0, or the result's own exit_status: an
-    interrupted sweep's), or one line for a user error (2): bad settings, a bad space or an unusable store,
-    found before anything trained."""
-    from featurestore.store import StoreError
-
-    try:
-        result = job()
-    except (ValueError, StoreError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(result.lines()))
-    return getattr(result, "exit_status", 0)
