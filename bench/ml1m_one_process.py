@@ -15,6 +15,7 @@ user's rank under both (`test_ranks`, keyed by user_key: the paired comparisons 
     # there:
     python bench/ml1m_one_process.py train --data .device/ml1m.npz --precision bf16 --out results.json
     python bench/ml1m_one_process.py train ... --models hm4sr --label hm4sr_no_pcl --model-config '{"pcl_weight": 0}'
+    python bench/ml1m_one_process.py train ... --models sasrec --label sasrec_seed2 --settings '{"seed": 2}'
     # a markdown table of result files:
     python bench/ml1m_one_process.py table results.json ...
 """
@@ -146,13 +147,22 @@ def train(argv: list[str]) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-config", type=json.loads, default={},
                         help='JSON merged into each model\'s config, e.g. \'{"pcl_weight": 0}\'')
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help='JSON of training settings (TrainConfig fields) over the export\'s, e.g. '
+                             '\'{"seed": 2, "lr": 0.001, "monitor": "ndcg@10"}\'')
     parser.add_argument("--label", default=None, help="result key (default: the model name)")
     args = parser.parse_args(argv)
+    if "model_config" in args.settings:
+        parser.error("--settings: give the model's hyper-parameters with --model-config")
+    try:
+        TrainConfig.from_dict(args.settings)  # unknown or invalid settings fail here, before any model trains
+    except (TypeError, ValueError) as error:
+        parser.error(f"--settings: {error}")
     data = np.load(args.data)
     info = json.loads(str(data["info"]))
     device = torch.device(args.device)
     given = {"precision": args.precision, "time_budget_s": args.time_budget_s, "epochs": args.epochs}
-    overrides = {"gpus_per_worker": 1.0 if device.type == "cuda" else 0.0,
+    overrides = {"gpus_per_worker": 1.0 if device.type == "cuda" else 0.0, **args.settings,
                  **{name: value for name, value in given.items() if value is not None}}
     models = args.models or list(info["models"])
     if args.label and len(models) != 1:

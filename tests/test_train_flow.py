@@ -542,10 +542,15 @@ def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_install
     subprocess.run([sys.executable, script, "export", "--dataset", "ml-100k", "--db", ml100k.uri, "--out", str(data),
                     "--max-len", "50", "--hidden-size", "16", "--lr", "5e-3", "--models", "sasrec", "hm4sr"],
                    check=True, env=env, timeout=300)
+    refused = subprocess.run([sys.executable, script, "train", "--data", str(data), "--out", str(out), "--settings",
+                              '{"seed": 2, "nope": 1}'], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--settings: unknown training setting(s) ['nope']" in refused.stderr
     subprocess.run([sys.executable, "-c", WITHOUT_RAY, script, "train", "--data", str(data), "--out", str(out),
-                    "--epochs", "3", "--device", "cpu"], check=True, env=env, timeout=600)
+                    "--epochs", "3", "--device", "cpu", "--settings", '{"eval_batch_size": 128}'], check=True,
+                   env=env, timeout=600)
     results = json.loads(out.read_text())["models"]
     assert list(results) == ["sasrec", "hm4sr"]
+    assert all(result["settings"]["eval_batch_size"] == 128 for result in results.values())  # --settings applied
     assert results["hm4sr"]["meta"]["model_config"]["modalities"] == ["id", "text"]  # as the flow resolves it
     assert results["hm4sr"]["history"][-1]["loss_idcl"] > 0  # the auxiliary losses ran and were reported
     meta = results["sasrec"]["meta"]
