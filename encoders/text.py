@@ -23,9 +23,11 @@ class TextConfig:
     @cached_property
     def dim(self) -> int:
         local = Path(self.path) / "config.json"
-        if local.is_file():  # a model directory: its config says the width, no transformers import needed
-            return int(json.loads(local.read_text())["hidden_size"])
-        from transformers import AutoConfig
+        if local.is_file():  # a model directory whose config names the width: no transformers import needed
+            width = json.loads(local.read_text()).get("hidden_size")
+            if isinstance(width, int):
+                return width
+        from transformers import AutoConfig  # other names for it (DistilBERT's "dim") are transformers' to map
 
         return int(AutoConfig.from_pretrained(self.path).hidden_size)
 

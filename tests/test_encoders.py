@@ -89,6 +89,17 @@ def test_a_declared_feature_width_is_checked_against_the_model_it_names():
         ImageEncoder(config, device="cpu")
 
 
+def test_a_model_directorys_width_is_read_whatever_its_config_calls_it(tmp_path):
+    from transformers import BertConfig, DistilBertConfig
+
+    from encoders.text import TextConfig
+
+    BertConfig(hidden_size=40, num_attention_heads=4, intermediate_size=80).save_pretrained(tmp_path / "bert")
+    DistilBertConfig(dim=48, n_heads=4, hidden_dim=96).save_pretrained(tmp_path / "distilbert")  # "dim", no "hidden_size"
+    assert TextConfig(name="bert", path=str(tmp_path / "bert")).dim == 40
+    assert TextConfig(name="distilbert", path=str(tmp_path / "distilbert")).dim == 48
+
+
 def test_the_encode_flows_driver_resolves_its_encoders_without_loading_torch():
     """The driver only coordinates: the schema's widths and the versions come from the configs, and the models
     (torch, timm, transformers: seconds and hundreds of MB per process) load in the actors only."""
