@@ -142,11 +142,12 @@ def add_second_node(cluster):
     return node
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_nodes():
     """A Ray cluster of two nodes on 127.0.0.1 (Ray's own ray.cluster_utils.Cluster): a head and the second node
     (add_second_node). This process does not join it (it may hold the session's local Ray): jobs join with
-    RAY_ADDRESS=cluster.address. A test that kills the second node adds one back before it ends."""
+    RAY_ADDRESS=cluster.address. A test that kills the second node adds one back before it ends. Module-scoped:
+    an idle cluster costs about a tenth of a core, so it goes once test_multinode's tests are done."""
     from ray.cluster_utils import Cluster
 
     from featurestore.raycluster import free_port

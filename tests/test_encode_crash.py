@@ -10,7 +10,7 @@ from featurestore import store
 from featurestore.encode import CRASH_ENV
 from flow_runs import REPO  # tests/ helper
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ITEMS = 120
 FLOW = [sys.executable, "flows/encode_items.py", "--catalog", "ml-100k", "--limit", str(ITEMS), "--batch-size", "16",
@@ -32,7 +32,8 @@ def items(db_uri: str) -> dict:
     return dict(zip(ids, table.column("encoded_at").to_pylist()))
 
 
-@pytest.mark.parametrize("crash_at", ["staged", "mid-merge", "before-index"])
+@pytest.mark.parametrize("crash_at", [pytest.param("staged", marks=pytest.mark.slow), "mid-merge",
+                                      pytest.param("before-index", marks=pytest.mark.slow)])
 def test_a_killed_run_is_completed_by_the_next_without_encoding_twice(ray_local, tmp_path, crash_at):
     db_uri = str(tmp_path / "db")
     killed = encode(ray_local, db_uri, crash_at)

@@ -18,7 +18,7 @@ from featurestore.images import ImagePolicy
 from featurestore.query import get_embeddings, similar_items
 from featurestore.raycluster import ResourcePlanError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def add_bad_rows(directory, catalog):

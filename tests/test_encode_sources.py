@@ -12,7 +12,7 @@ from featurestore import store
 from featurestore.encode import encode_catalog
 from featurestore.query import get_embeddings
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def rejects_by_item(db) -> dict:

@@ -466,7 +466,7 @@ def test_bad_image_flags_fail_before_ray_starts(sample_catalog):
         assert rc == 2 and stderr.startswith(f"error: {flag} ") and stderr.count("\n") == 1, stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_flow_refuses_each_rule_and_retries_transient_failures_and_what_wider_rules_allow(
         ray_local, server, tree, sample_catalog):
     """Run 1 records every refusal; run 2 (the server healed) fetches only the transient failures again; run 3,

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent  # the venv's bin: ray, python
 # The documented way (README, "On a cluster"): the entrypoint is a shell command whose `python` is the first one on

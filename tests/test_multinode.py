@@ -82,6 +82,7 @@ def training_windows(db) -> int:
     return split_counts(read_sequences(db), TINY["max_len"])["train_examples_all"]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_spread_puts_a_worker_on_each_node_and_trains_as_one_node_does(two_nodes, tmp_path):
     """The same seed with the workers SPREAD over the two nodes and STRICT_PACKed on one. The shards differ (Ray
@@ -123,6 +124,7 @@ def test_spread_puts_a_worker_on_each_node_and_trains_as_one_node_does(two_nodes
     assert abs(two["val_hr@20"] - one["val_hr@20"]) <= 0.02
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_sweep_runs_its_two_trials_at_once_one_on_each_node(two_nodes, tmp_path):
     """The sweep sizes its trials from the cluster's CPUs (two nodes of 2): two at once, each a worker of 1.5 CPUs
@@ -155,6 +157,7 @@ def pending_placement_group(cluster) -> bool:
                for group in cluster.global_state.placement_group_table().values())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_second_node_killed_mid_training_the_run_waits_for_a_node_and_resumes_there(two_nodes, tmp_path):
     """STRICT_SPREAD: a worker on each node, or the run waits. In epoch 2 (epoch 1's checkpoint committed) rank 1
@@ -211,6 +214,8 @@ def encode_on(address: str, db_uri: str, summary: Path) -> dict:
     return json.loads(summary.read_text())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_the_encode_flow_spreads_its_actors_over_both_nodes_and_encodes_as_one_node_does(two_nodes, ray_local,
                                                                                           tmp_path):
     spread = encode_on(two_nodes.address, str(tmp_path / "two"), tmp_path / "two.json")

@@ -58,7 +58,7 @@ def test_wrong_credentials_are_a_store_error(s3, monkeypatch):
         store.connect(f"s3://{s3.bucket}/connect-test")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_training_run_on_s3_checkpoints_there_and_resumes_from_there(s3, ray_local, capsys):
     """flows/train.py with --db and --storage on S3: the store, the checkpoints, the settings, the plot and the
     run record are objects on the server; --resume continues the run from the checkpoint there. The workers

@@ -86,7 +86,7 @@ def test_ip_from_proc_reads_both_tables():
     assert str(ip_from_proc("00000000000000000000000000000000")) == "::"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_local_instance_listens_on_loopback_only():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,

@@ -108,7 +108,7 @@ def kill_while_creating(db_uri: str, rows: int) -> bool:
     return table.is_dir() and not any((table / "_versions").glob("*.manifest"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_encode_flow_runs_on_a_store_a_kill_wedged(ray_local, tmp_path):
     from featurestore.encode import encode_catalog
 

@@ -199,6 +199,7 @@ def test_study_runs_run_side_by_side_each_with_its_log_and_the_failures_are_name
     assert (tmp_path / "logs" / "run-a.log").read_text() == f"met {b}\n"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_sweep_the_ledger_carries_to_another_machine_resumes_its_trial_in_flight_from_its_checkpoint(tmp_path):
     """The study's case: a session ends with a trial half trained and the next starts on a new machine. The ledger

@@ -254,7 +254,7 @@ def single_process_test_metrics(model, db, max_len: int, ks) -> dict[str, float]
 # ---------------------------------------------------------------- bad input: clear errors, no workers
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_unknown_model_fails_before_anything_starts(ml100k, tmp_path, no_workers):
     with pytest.raises(ValueError, match="unknown model 'gru4rec'"):
         run_training({"model": "gru4rec", "db": ml100k.uri, "storage": str(tmp_path)})
@@ -263,7 +263,7 @@ def test_unknown_model_fails_before_anything_starts(ml100k, tmp_path, no_workers
         flow["parse_args"](["--model", "gru4rec"])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_store_without_items_is_refused(ml100k, tmp_path, no_workers, capsys):
     flow = runpy.run_path(str(REPO / "flows" / "train.py"), run_name="flow")
     assert flow["main"](["--db", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs")]) == 2
@@ -271,7 +271,7 @@ def test_a_store_without_items_is_refused(ml100k, tmp_path, no_workers, capsys):
     assert "table 'items' does not exist" in error and "run flows/encode_items.py first" in error
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_empty_interactions_table_is_refused(ml100k, tmp_path, no_workers):
     db = store.connect(str(tmp_path / "db"))
     write_items(db, TEXT_DIM)
@@ -280,19 +280,19 @@ def test_an_empty_interactions_table_is_refused(ml100k, tmp_path, no_workers):
         run_training({"db": db.uri, "storage": str(tmp_path / "runs")})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_store_of_another_data_set_is_refused(ml100k, tmp_path, no_workers):
     with pytest.raises(store.StoreError, match=r"--dataset 'ml-1m': the store .* holds \['ml-100k'\]"):
         run_training({"dataset": "ml-1m", "db": ml100k.uri, "storage": str(tmp_path)})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_workers_that_would_starve_ray_data_are_refused(ml100k, tmp_path, no_workers):
     with pytest.raises(ResourcePlanError, match="leave 0 for Ray Data"):
         run_training({"db": ml100k.uri, "storage": str(tmp_path), "num_workers": 2, "cpus_per_worker": 1.0})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_bad_model_hyper_parameter_is_refused(ml100k, tmp_path, no_workers):
     with pytest.raises(ValueError, match="unknown SASRecConfig key.*'n_experts'"):
         run_training({"db": ml100k.uri, "storage": str(tmp_path), "model_config": {"n_experts": 4}})
@@ -309,7 +309,7 @@ def sasrec_run(ml100k, tmp_path_factory):
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stopped_trials_row_takes_every_epoch_from_its_runs_checkpoint(sasrec_run, tmp_path):
     """Tune's results of a trial restored from a checkpoint hold only the epochs after the restore (seen in the
     study: 2 of a trial's 10 epochs); a trial that ASHA stopped has no run record, so its row (curve, epochs,
@@ -335,7 +335,7 @@ def test_a_stopped_trials_row_takes_every_epoch_from_its_runs_checkpoint(sasrec_
     assert (record["status"], record["stop_reason"]) == ("stopped", "ASHA, at its run's last epoch (epochs)")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_short_run_metrics_are_finite_and_beat_an_untrained_model(sasrec_run, ml100k):
     result = sasrec_run
     assert [m["epoch"] for m in result.history] == [1, 2]
@@ -353,7 +353,7 @@ def test_short_run_metrics_are_finite_and_beat_an_untrained_model(sasrec_run, ml
     assert all(math.isfinite(v) for v in result.test.values())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpoint_reloads_to_the_scores_the_workers_reported(sasrec_run, ml100k):
     result = sasrec_run
     model = checkpoint.load_model(result.checkpoint, None)
@@ -367,7 +367,7 @@ def test_checkpoint_reloads_to_the_scores_the_workers_reported(sasrec_run, ml100
     np.testing.assert_array_equal(stored, expected)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_each_test_user_has_a_rank_per_protocol_that_the_reported_metrics_follow_from(sasrec_run, ml100k):
     result = sasrec_run
     ranks = RunDir(str(Path(result.run_dir).parent), result.run_id).read_test_ranks(2).to_pydict()
@@ -385,7 +385,7 @@ def test_each_test_user_has_a_rank_per_protocol_that_the_reported_metrics_follow
                                                                             alone["rank_1"].tolist()))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_run_is_recorded_with_versions_timing_and_a_plot(sasrec_run, ml100k):
     run = records.read_runs(ml100k).set_index("run_id").loc["sasrec-short"]
     assert (run.status, run.model, run.epochs_run, run.num_workers, run.n_items) == ("finished", "sasrec", 2, 2, 1682)
@@ -403,7 +403,7 @@ def test_the_run_is_recorded_with_versions_timing_and_a_plot(sasrec_run, ml100k)
 # ---------------------------------------------------------------- interruption, resume, worker failure
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_interrupted_run_resumes_and_survives_a_killed_worker(ml100k, tmp_path, monkeypatch):
     """One HM4SR run, three invocations (fits are the expensive part of these tests)."""
     from ray.train import TrainingFailedError
@@ -442,7 +442,7 @@ def test_an_interrupted_run_resumes_and_survives_a_killed_worker(ml100k, tmp_pat
     assert ml100k.open_table(run.vectors_table).schema.field("vector").type.list_size == 32  # id + text, d 16
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_finished_run_name_is_not_reused_by_accident(sasrec_run, ml100k, no_workers):
     storage = str(Path(sasrec_run.run_dir).parent)
     with pytest.raises(ValueError, match="already exists.*--resume"):
@@ -530,7 +530,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_one_process_runner_trains_the_flows_models_where_ray_is_not_installed(ml100k, tmp_path):
     import subprocess
     import sys

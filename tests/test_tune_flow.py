@@ -245,7 +245,7 @@ def test_asha_lets_a_weak_trial_end_at_the_report_where_its_run_stopped_by_itsel
     assert rung_1 == {"strong": 0.3, "weak": 0.1, "ending": 0.1}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_sweeps_time_budget_stops_its_trial_and_its_row_says_so_not_asha(tmp_path):
     """Tune's budget clock starts once the first trial is created, and no trial trains 50 epochs in a second;
     ASHA never stops a sweep's only trial (it is its rungs' median)."""
@@ -258,6 +258,7 @@ def test_a_sweeps_time_budget_stops_its_trial_and_its_row_says_so_not_asha(tmp_p
     assert (trial.status, trial.stop_reason) == ("stopped", "sweep time budget") and trial.epochs < 50
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_sweep_whose_tune_directory_is_gone_continues_from_its_rows_in_the_store(tmp_path):
     """Another machine or session: the store is all that is left of the sweep. Continued with --sweep-resume, it
@@ -353,6 +354,7 @@ def cut_sweep(tmp_path_factory):
                            leaderboard=(tmp_path / "runs" / "cut" / "leaderboard.md").read_text())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(cut_sweep):
     first = cut_sweep.first
@@ -367,6 +369,7 @@ def test_a_killed_sweep_resumes_without_running_a_trial_twice_from_scratch(cut_s
     assert runs.loc[first.index[0]].checkpoint == first.checkpoint.iloc[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_trial_the_store_cannot_serve_errors_with_the_models_message_the_others_finish_and_a_retry_runs_it(
         cut_sweep):
