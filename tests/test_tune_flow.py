@@ -61,20 +61,30 @@ def test_sweep_settings_are_checked():
         SweepConfig(num_samples=0)
 
 
+def test_a_bad_argument_fails_the_command_with_one_message_before_ray_starts(tmp_path):
+    done = tune_command("--model", "nope", "--storage", str(tmp_path / "runs"), "--db", str(tmp_path / "db"))
+    assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "db").exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--model", "nope"], "invalid choice: 'nope'"),
     (["--model", "sasrec", "--space", "SPACE"], "'n_experts'"),
     (["--model", "sasrec", "--name", "x"], "--sweep-name"),
     (["--model", "sasrec", "--search", "optuna", "--space", "GRID"], "grid"),
 ])
-def test_bad_arguments_and_spaces_fail_with_one_message_before_ray_starts(tmp_path, args, message):
+def test_bad_spaces_and_arguments_exit_2_with_one_message_from_the_argument_check(tmp_path, capsys, args, message):
+    """The flow's parse_args, which its main runs before anything starts Ray (the command itself: above)."""
+    import runpy
+
     (tmp_path / "bad.yaml").write_text("n_experts: {choice: [1, 2]}\n")  # a FAME key, not SASRec's
     (tmp_path / "grid.yaml").write_text("lr: {grid: [0.001, 0.002]}\n")
     args = [{"SPACE": str(tmp_path / "bad.yaml"), "GRID": str(tmp_path / "grid.yaml")}.get(a, a) for a in args]
-    done = tune_command(*args, "--storage", str(tmp_path / "runs"), "--db", str(tmp_path / "db"))
-    assert done.returncode == 2 and message in done.stderr
-    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "db").exists()
+    parse_args = runpy.run_path(TUNE, run_name="flow")["parse_args"]
+    with pytest.raises(SystemExit) as exited:
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_sweeps_rows_are_replaced_as_a_whole_and_other_sweeps_are_kept(tmp_path):
@@ -114,6 +124,16 @@ def test_an_interrupted_sweep_exits_130_so_a_script_running_sweeps_in_turn_stops
 
     assert run_job(lambda: result(2)) == 130 and "interrupted with 2 trial(s) unfinished" in capsys.readouterr().out
     assert run_job(lambda: result(0)) == 0
+
+
+def test_final_seeds_are_summarised_by_each_metrics_mean_and_sample_std():
+    from tuning.records import seed_summary
+
+    two = seed_summary([{"test_ndcg@10": 0.10, "test_masked_ndcg@10": 0.20},
+                        {"test_ndcg@10": 0.14, "test_masked_ndcg@10": 0.20}])
+    assert two == pytest.approx({"test_ndcg@10_mean": 0.12, "test_masked_ndcg@10_mean": 0.20,
+                                 "test_ndcg@10_std": 0.04 / 2**0.5, "test_masked_ndcg@10_std": 0.0})
+    assert seed_summary([{"test_ndcg@10": 0.1}]) == {"test_ndcg@10_mean": 0.1, "test_ndcg@10_std": 0.0}
 
 
 def test_plots_draw_every_trial_with_log_axes_for_log_uniform_values_and_zeros_kept(monkeypatch):

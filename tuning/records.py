@@ -301,11 +301,15 @@ def final_seeds(db, best: dict, trial_base: dict, space: dict, seeds: int, name:
     if missing or errors:
         raise RuntimeError(f"final seed run(s) {', '.join(missing)} did not finish: " + "; ".join(errors))
     tests = {settings["name"]: done[settings["name"]].test_metrics for settings in planned.values()}
-    values = list(tests.values())
-    return {"seeds": list(planned), "runs": list(tests),
-            **{f"{m}_mean": float(np.mean([t[m] for t in values])) for m in sorted(values[0])},
-            **{f"{m}_std": float(np.std([t[m] for t in values], ddof=1)) if seeds > 1 else 0.0
-               for m in sorted(values[0])}}
+    return {"seeds": list(planned), "runs": list(tests), **seed_summary(list(tests.values()))}
+
+
+def seed_summary(tests: list[dict]) -> dict[str, float]:
+    """Each test metric's mean over the seeds' runs and its sample standard deviation (0 for one seed)."""
+    metrics = sorted(tests[0])
+    return {**{f"{m}_mean": float(np.mean([t[m] for t in tests])) for m in metrics},
+            **{f"{m}_std": float(np.std([t[m] for t in tests], ddof=1)) if len(tests) > 1 else 0.0
+               for m in metrics}}
 
 
 def same_settings(recorded: dict, settings: dict, trial_base: dict) -> bool:
