@@ -82,8 +82,7 @@ def training_windows(db) -> int:
     return split_counts(read_sequences(db), TINY["max_len"])["train_examples_all"]
 
 
-@pytest.mark.e2e
-@pytest.mark.slow
+@pytest.mark.e2e  # in make test: the one two-node test there (issue 13 wants them in CI; the rest are slow)
 def test_spread_puts_a_worker_on_each_node_and_trains_as_one_node_does(two_nodes, tmp_path):
     """The same seed with the workers SPREAD over the two nodes and STRICT_PACKed on one. The shards differ (Ray
     Data gives each worker blocks near it), so batches differ, but every training window is used once an epoch.
