@@ -136,8 +136,7 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
     cluster's. ASHA stops the second (lr 1e-6 learns nothing in an epoch) and the third must still get its
     workers: Tune kills a stopped trial, and Ray Train's own clean-up of its placement group fails wherever a second
     Ray instance runs on the machine (as the test session's does), so the sweep removes it (tuning.sweep). Then
-    the sweep's records, leaderboard, plots and a final seed of the best configuration (each seed costs a
-    training's start-up; the summary over several is test_tune_flow's)."""
+    the sweep's records, leaderboard, plots and two final seeds of the best configuration."""
     from featurestore import store
     from training.records import read_runs
     from tuning.records import SWEEPS
@@ -152,7 +151,7 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
     output = submit(address, env, "flows/tune.py", "--model", "sasrec", "--db", db.uri, "--storage",
                     str(runs), "--space", str(space), "--search", "grid", "--num-samples", "1",
                     "--grace-period", "1", "--epochs", "3", "--monitor", "ndcg@10", "--max-len", "20",
-                    "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "1",
+                    "--hidden-size", "16", "--n-layers", "1", "--batch-size", "256", "--final-seeds", "2",
                     "--sweep-time-budget-s", "36000", "--sweep-name", "submitted")  # a budget: ASHA's stop is marked
     assert "3 example split(s) computed for the trials" in output  # one layout: the trials share it
     assert sum(line.startswith("trial ") for line in output.splitlines()) == 3  # a line per trial
@@ -175,6 +174,6 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster_and_a_trial_after_one_asha_s
     best = trials.best_value.idxmax()
     assert f"| 1 | {trials.loc[best].trial_id} |" in (runs / "submitted" / "leaderboard.md").read_text()
     final = json.loads((runs / "submitted" / "final_seeds.json").read_text())
-    assert final["seeds"] == [1] and set(final["runs"]) <= set(recorded.index)
+    assert final["seeds"] == [1, 2] and set(final["runs"]) <= set(recorded.index)
     assert {"test_ndcg@10_mean", "test_ndcg@10_std", "test_masked_ndcg@10_mean"} <= set(final)
     assert recorded.loc[final["runs"][0]].config["settings"]["lr"] == json.loads(best)["lr"]
