@@ -79,6 +79,7 @@ DATA_CPU_RESERVE = 2 * DATA_TASK_CPUS  # what a plan leaves free: a read and a t
 # Ray Data's hash shuffle (joins, groupby) maps each block in a task that asks for one whole CPU
 # (HashShuffleOperator._DEFAULT_SHUFFLE_BLOCK_NUM_CPUS in Ray 2.60, not configurable): actors running beside a
 # join must leave that much free, or the join never starts (2 encoder actors at 0.75 CPU on 2 cores hung).
+# A join's reduce tasks take their CPUs from `aggregator_ray_remote_args` (the encode plan gives them DATA_TASK_CPUS).
 SHUFFLE_CPU_RESERVE = 1.0
 
 

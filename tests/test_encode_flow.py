@@ -179,6 +179,25 @@ def test_bad_arguments_fail_at_once(ray_local, sample_catalog, tmp_path):
         encode_catalog(str(sample_catalog), db_uri=str(tmp_path / "afile"))
 
 
+def test_an_encoder_actor_loads_its_model_in_the_background_and_its_first_batch_gets_the_model_or_its_error(
+        ray_local, tmp_path):
+    import pyarrow as pa
+    import torch
+
+    from encoders import create_encoder
+    from featurestore.encode import ENCODE, TextEmbedder
+
+    batch = pa.table({"text": ["a red bicycle", ""], "verdict": [ENCODE, ENCODE]})
+    threads = torch.get_num_threads()  # this process's count, kept
+    embedded = TextEmbedder("all-MiniLM-L6-v2", threads, 384)(batch)["text_emb"]
+    expected = create_encoder("all-MiniLM-L6-v2", "text", device="cpu").encode(["a red bicycle"])[0]
+    np.testing.assert_allclose(embedded[0].values.to_numpy(), expected, atol=1e-5)
+    assert not embedded[1].is_valid  # no text, no vector
+    not_a_model = str(tmp_path)  # a folder without a model: fails at once (a name would be looked up online)
+    with pytest.raises(UnknownEncoderError, match="not loadable"):  # the load's error, at the first batch
+        TextEmbedder(not_a_model, threads, 384)(batch)
+
+
 def test_resource_plan_never_starves_the_feeding_tasks():
     plan = plan_resources(cluster_cpus=2, cluster_gpus=0, stages=2, actors=None, gpus_per_actor=None)
     assert plan.actors == 1 and plan.gpus == 0 and 2 * plan.cpus <= 2 - 1.0  # a join's shuffle task needs 1 CPU
