@@ -116,8 +116,10 @@ def test_without_the_runtime_env_the_job_finds_no_python_with_the_projects_depen
     assert "No module named 'pyarrow'" in output or "python: not found" in output, output[-3000:]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_encodes_into_the_store(head_node, sample_catalog, tmp_path):
-    """The documented submission from a head without the venv on its PATH: the flow runs and fills the store."""
+    """The documented submission from a head without the venv on its PATH: the flow runs and fills the store.
+    Slow: the sweep below is submitted the same way, and the encode flow runs end to end in test_encode_flow."""
     env, address = head_node
     db = tmp_path / "db"
     output = submit(address, env, "flows/encode_items.py", "--catalog", str(sample_catalog), "--db", str(db),
