@@ -24,7 +24,7 @@ demo: setup
 	$(PY) flows/query_items.py --db $(DB) --text "space adventure" --k 5
 	$(PY) flows/query_items.py --db $(DB) --table sample_photos --item-id photo-chelsea --by both --k 3
 
-# The suite under 30 minutes on 2 cores; the `slow` scenarios (two-node clusters, sweeps killed and resumed,
+# The suite under 30 minutes on 2 cores (about 25); the `slow` scenarios (two-node clusters, sweeps killed and resumed,
 # more crash points) take as long again and run with `make test-slow`.
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
